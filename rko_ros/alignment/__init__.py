@@ -1,0 +1,1 @@
+"""rko_ros.alignment"""
