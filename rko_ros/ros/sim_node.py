@@ -1,0 +1,213 @@
+"""sim_node: the simulated cloth table as a ROS 2 robot, so the whole loop runs without hardware.
+
+Publishes the top-down camera (sensor_msgs/Image rgb8, sensor-data QoS) and the gripper's joint
+state at their own rates, steps the cloth at `control_rate_hz`, and executes `action` messages as a
+position controller would (JointTrajectory: the first point, by joint name; or Float64MultiArray in
+joint order), holding the last target when none arrives. Services: `sim/reset` (std_srvs/Trigger;
+the message is the new episode's seed) and `sim/evaluate` (std_srvs/Trigger; the message is JSON
+with the fold's style, quality and success). A thin shell over `rko_ros.sim.task.ClothFoldTask`.
+"""
+import array
+import json
+import sys
+
+import numpy as np
+import rclpy
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import Image, JointState
+from std_msgs.msg import Float64MultiArray
+from std_srvs.srv import Trigger
+from trajectory_msgs.msg import JointTrajectory
+
+from rko_ros.errors import ConfigError
+from rko_ros.sim.task import JOINT_NAMES, ClothFoldTask, TaskConfig
+
+ACTION_TYPES = ('joint_trajectory', 'float64_multi_array')
+
+
+def _float(description, default, low, high):
+    return default, ParameterDescriptor(
+        description=description, read_only=True,
+        floating_point_range=[FloatingPointRange(from_value=low, to_value=high)])
+
+
+def _int(description, default, low, high):
+    return default, ParameterDescriptor(
+        description=description, read_only=True,
+        integer_range=[IntegerRange(from_value=low, to_value=high, step=1)])
+
+
+def _str(description, default):
+    return default, ParameterDescriptor(description=description, read_only=True)
+
+
+PARAMETERS = {
+    'camera_topic': _str('topic of the top-down camera image (rgb8)', 'camera/image_raw'),
+    'camera_frame_id': _str('frame_id stamped on camera images', 'sim_camera'),
+    'joint_state_topic': _str('topic of the gripper joint state', 'joint_states'),
+    'action_topic': _str('topic of the commanded action', 'action'),
+    'action_type': _str('joint_trajectory or float64_multi_array', 'joint_trajectory'),
+    'control_rate_hz': _float('rate the simulation advances, one control tick each',
+                              10.0, 1.0, 100.0),
+    'camera_rate_hz': _float('rate of published camera images', 10.0, 0.5, 60.0),
+    'joint_state_rate_hz': _float('rate of published joint states', 30.0, 0.5, 500.0),
+    'image_width_px': _int('camera image width', 64, 8, 4096),
+    'image_height_px': _int('camera image height', 64, 8, 4096),
+    'episode_ticks': _int('control ticks in one episode (reported by sim/evaluate)',
+                          50, 1, 100000),
+    'seed': _int('seed of the first episode; each sim/reset uses the next one', 0, 0, 2 ** 31 - 1),
+    'quality_threshold': _float('fold quality at or above which a fold succeeds', 0.7, 0.0, 1.0),
+}
+
+
+def image_message(image_rgb, stamp, frame_id):
+    """sensor_msgs/Image (rgb8) from an (H, W, 3) uint8 array."""
+    msg = Image()
+    msg.header.stamp = stamp
+    msg.header.frame_id = frame_id
+    msg.height, msg.width = int(image_rgb.shape[0]), int(image_rgb.shape[1])
+    msg.encoding = 'rgb8'
+    msg.is_bigendian = 0
+    msg.step = 3 * msg.width
+    # array('B') takes rclpy's fast path; a bytes object would be range-checked element by element.
+    msg.data = array.array('B', np.ascontiguousarray(image_rgb, np.uint8).tobytes())
+    return msg
+
+
+class SimNode(Node):
+    """The simulated robot: camera, joint states, action execution, reset and evaluation."""
+
+    def __init__(self, **kwargs):
+        super().__init__('sim_node', **kwargs)
+        self.params = self._declare_and_validate()
+        p = self.params
+        self.task = ClothFoldTask(TaskConfig(
+            image_size_px=(p['image_height_px'], p['image_width_px']),
+            control_rate_hz=p['control_rate_hz'], episode_ticks=p['episode_ticks'],
+            quality_threshold=p['quality_threshold']))
+        self._next_seed = p['seed']
+        self._reset_episode()
+        self.image_pub = self.create_publisher(Image, p['camera_topic'], qos_profile_sensor_data)
+        self.joint_pub = self.create_publisher(JointState, p['joint_state_topic'], 10)
+        msg_type = JointTrajectory if p['action_type'] == 'joint_trajectory' else Float64MultiArray
+        self.action_sub = self.create_subscription(msg_type, p['action_topic'],
+                                                   self._on_action, 10)
+        self.reset_srv = self.create_service(Trigger, 'sim/reset', self._on_reset)
+        self.evaluate_srv = self.create_service(Trigger, 'sim/evaluate', self._on_evaluate)
+        self.actions_received = 0
+        self.control_timer = self.create_timer(1.0 / p['control_rate_hz'], self._on_control_tick)
+        self.camera_timer = self.create_timer(1.0 / p['camera_rate_hz'], self._publish_image)
+        self.joint_timer = self.create_timer(1.0 / p['joint_state_rate_hz'], self._publish_joints)
+        self.get_logger().info(
+            f'cloth sim: {p["image_width_px"]}x{p["image_height_px"]} rgb8 on '
+            f'{p["camera_topic"]!r} '
+            f'at {p["camera_rate_hz"]} Hz, control {p["control_rate_hz"]} Hz, actions '
+            f'({p["action_type"]}) on {p["action_topic"]!r}, episode seed {self.task.seed}')
+
+    def _declare_and_validate(self):
+        values = {}
+        for name, (default, descriptor) in PARAMETERS.items():
+            try:
+                values[name] = self.declare_parameter(name, default, descriptor).value
+            except InvalidParameterTypeException as exc:
+                raise ConfigError(f'sim_node parameter {name}: {exc}; give a '
+                                  f'{type(default).__name__} like {default!r}') from None
+            except InvalidParameterValueException as exc:
+                raise ConfigError(f'sim_node parameter {name}: {exc}; the default is '
+                                  f'{default!r}') from None
+        if values['action_type'] not in ACTION_TYPES:
+            raise ConfigError(f'sim_node parameter action_type={values["action_type"]!r} is '
+                              f'unknown; use one of {", ".join(ACTION_TYPES)}')
+        for name in ('camera_topic', 'joint_state_topic', 'action_topic'):
+            if not values[name].strip():
+                raise ConfigError(f'sim_node parameter {name} is empty; give a topic name')
+        return values
+
+    # ------------------------------------------------------------ episode
+    def _reset_episode(self):
+        self.task.reset(self._next_seed)
+        self._next_seed += 1
+        # Hold where the gripper is, open, until the first action arrives.
+        self.target = self.task.state().astype(float)
+        self.target[2] = 0.0
+
+    def _on_reset(self, request, response):
+        self._reset_episode()
+        response.success = True
+        response.message = str(self.task.seed)
+        self.get_logger().info(f'episode reset, seed {self.task.seed}')
+        return response
+
+    def _on_evaluate(self, request, response):
+        result = self.task.result().to_dict()
+        result.update(seed=self.task.seed, tick=self.task.tick,
+                      episode_ticks=self.task.config.episode_ticks, done=self.task.done)
+        response.success = True
+        response.message = json.dumps(result)
+        return response
+
+    # ------------------------------------------------------------ control
+    def _on_action(self, msg):
+        if isinstance(msg, JointTrajectory):
+            if not msg.points:
+                self._reject('JointTrajectory without points')
+                return
+            missing = [n for n in JOINT_NAMES if n not in msg.joint_names]
+            positions = msg.points[0].positions
+            if missing or len(positions) != len(msg.joint_names):
+                self._reject(f'JointTrajectory joints {list(msg.joint_names)} with '
+                             f'{len(positions)} positions; need {list(JOINT_NAMES)}')
+                return
+            target = [positions[list(msg.joint_names).index(n)] for n in JOINT_NAMES]
+        else:
+            if len(msg.data) != len(JOINT_NAMES):
+                self._reject(f'Float64MultiArray of {len(msg.data)} values; need '
+                             f'{len(JOINT_NAMES)} in order {list(JOINT_NAMES)}')
+                return
+            target = list(msg.data)
+        target = np.asarray(target, float)
+        if not np.all(np.isfinite(target)):
+            self._reject(f'non-finite action {target.tolist()}')
+            return
+        self.target = target
+        self.actions_received += 1
+
+    def _reject(self, what):
+        self.get_logger().warning(f'ignored action on {self.params["action_topic"]!r}: {what}; '
+                               'holding the last target', throttle_duration_sec=2.0)
+
+    def _on_control_tick(self):
+        self.task.step(self.target)
+
+    def _publish_image(self):
+        self.image_pub.publish(image_message(self.task.render(), self.get_clock().now().to_msg(),
+                                             self.params['camera_frame_id']))
+
+    def _publish_joints(self):
+        msg = JointState()
+        msg.header.stamp = self.get_clock().now().to_msg()
+        msg.name = list(JOINT_NAMES)
+        msg.position = [float(v) for v in self.task.state()]
+        self.joint_pub.publish(msg)
+
+
+def main(args=None):
+    try:
+        with rclpy.init(args=args):
+            try:
+                node = SimNode()
+            except ConfigError as exc:
+                print(f'sim_node: error: {exc}', file=sys.stderr)
+                return 2
+            rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""sim_node over real rclpy: it publishes camera images and joint states, executes actions like
+a robot controller (both message types), resets and evaluates episodes, refuses bad parameters."""
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.parameter import Parameter
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import Image, JointState
+from std_msgs.msg import Float64MultiArray
+from std_srvs.srv import Trigger
+from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+from rko_ros.errors import ConfigError
+from rko_ros.ros.sim_node import SimNode
+
+HOME_XY = (0.0, -0.24)
+
+
+@pytest.fixture
+def context():
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    yield ctx
+    ctx.try_shutdown()
+
+
+class Probe:
+    """The other side of the wire: a node that listens, commands and calls services."""
+
+    def __init__(self, context, sim_params, action_type=JointTrajectory):
+        overrides = [Parameter(k, value=v) for k, v in sim_params.items()]
+        self.sim = SimNode(context=context, parameter_overrides=overrides)
+        self.node = rclpy.create_node('probe', context=context)
+        self.images, self.joints = [], []
+        self.node.create_subscription(Image, 'camera/image_raw', self.images.append,
+                                      qos_profile_sensor_data)
+        self.node.create_subscription(JointState, 'joint_states', self.joints.append, 10)
+        self.action_pub = self.node.create_publisher(action_type, 'action', 10)
+        self.executor = SingleThreadedExecutor(context=context)
+        self.executor.add_node(self.sim)
+        self.executor.add_node(self.node)
+
+    def spin_until(self, condition, timeout_s=5.0):
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end and not condition():
+            self.executor.spin_once(timeout_sec=0.02)
+        return condition()
+
+    def gripper(self):
+        return np.array(self.joints[-1].position)
+
+    def call(self, service):
+        client = self.node.create_client(Trigger, service)
+        assert self.spin_until(lambda: client.service_is_ready(), 5.0), service
+        future = client.call_async(Trigger.Request())
+        assert self.spin_until(future.done, 5.0), service
+        return future.result()
+
+    def send(self, msg):
+        assert self.spin_until(lambda: self.action_pub.get_subscription_count() > 0)
+        self.action_pub.publish(msg)
+
+    def close(self):
+        self.executor.shutdown()
+        self.sim.destroy_node()
+        self.node.destroy_node()
+
+
+def _trajectory(names, positions):
+    msg = JointTrajectory()
+    msg.joint_names = list(names)
+    msg.points = [JointTrajectoryPoint(positions=[float(p) for p in positions])]
+    return msg
+
+
+def test_publishes_camera_and_executes_trajectory_actions(context):
+    probe = Probe(context, {'control_rate_hz': 20.0, 'camera_rate_hz': 20.0,
+                            'joint_state_rate_hz': 50.0, 'seed': 4})
+    try:
+        assert probe.spin_until(lambda: len(probe.images) >= 3 and probe.joints)
+        image = probe.images[-1]
+        assert (image.height, image.width, image.encoding, image.step) == (64, 64, 'rgb8', 192)
+        pixels = np.frombuffer(bytes(image.data), np.uint8).reshape(64, 64, 3)
+        assert pixels.std() > 10          # a cloth on a table, not a blank frame
+        assert list(probe.joints[-1].name) == ['gripper_x', 'gripper_y', 'gripper_closed']
+        assert np.allclose(probe.gripper(), [*HOME_XY, 0.0], atol=1e-6)
+
+        # No action yet: the controller holds the gripper where it is.
+        probe.spin_until(lambda: False, 0.3)
+        assert np.allclose(probe.gripper(), [*HOME_XY, 0.0], atol=1e-6)
+
+        # Joint names in another order than the joint state's: matched by name.
+        probe.send(_trajectory(['gripper_closed', 'gripper_y', 'gripper_x'], [0.0, -0.1, 0.1]))
+        assert probe.spin_until(lambda: np.allclose(probe.gripper()[:2], [0.1, -0.1], atol=1e-3))
+        assert probe.sim.actions_received == 1
+        moved_image = np.frombuffer(bytes(probe.images[-1].data), np.uint8).reshape(64, 64, 3)
+        assert np.abs(moved_image.astype(int) - pixels.astype(int)).sum() > 0
+
+        # A message missing a joint is refused; the last target is held.
+        probe.send(_trajectory(['gripper_x', 'gripper_y'], [0.2, 0.2]))
+        probe.spin_until(lambda: False, 0.3)
+        assert np.allclose(probe.gripper()[:2], [0.1, -0.1], atol=1e-3)
+        assert probe.sim.actions_received == 1
+
+        result = json.loads(probe.call('sim/evaluate').message)
+        assert result['style'] == 'none' and result['success'] is False
+        assert result['seed'] == 4 and result['tick'] > 5 and 0.0 <= result['quality'] <= 1.0
+
+        reply = probe.call('sim/reset')
+        assert reply.success and reply.message == '5'
+        assert probe.spin_until(lambda: np.allclose(probe.gripper(), [*HOME_XY, 0.0], atol=1e-6))
+        assert json.loads(probe.call('sim/evaluate').message)['tick'] < 10
+    finally:
+        probe.close()
+
+
+def test_float64_multi_array_actions_grasp_and_lift(context):
+    probe = Probe(context, {'control_rate_hz': 20.0, 'action_type': 'float64_multi_array',
+                            'image_width_px': 96, 'image_height_px': 72},
+                  action_type=Float64MultiArray)
+    try:
+        assert probe.spin_until(lambda: probe.images and probe.joints)
+        assert (probe.images[-1].width, probe.images[-1].height) == (96, 72)
+        corner = probe.sim.task.sim.x[0, :2]
+        probe.send(Float64MultiArray(data=[corner[0], corner[1], 0.0]))
+        assert probe.spin_until(lambda: np.allclose(probe.gripper()[:2], corner, atol=1e-3))
+        probe.send(Float64MultiArray(data=[0.0, 0.0]))   # wrong length: refused
+        probe.send(Float64MultiArray(data=[corner[0], corner[1], 1.0]))
+        assert probe.spin_until(lambda: probe.gripper()[2] == 1.0)
+        sim = probe.sim.task.sim
+        assert sim.grasped == 0
+        assert probe.spin_until(lambda: sim.x[0, 2] > 0.05)
+        assert probe.sim.actions_received == 2
+    finally:
+        probe.close()
+
+
+@pytest.mark.parametrize('name, value, expected', [
+    ('action_type', 'bogus', 'action_type'),
+    ('control_rate_hz', 1000.0, 'control_rate_hz'),
+    ('control_rate_hz', 10, 'give a float'),
+    ('camera_topic', ' ', 'camera_topic'),
+])
+def test_bad_parameters_stop_the_node(context, name, value, expected):
+    with pytest.raises(ConfigError, match=expected):
+        SimNode(context=context, parameter_overrides=[Parameter(name, value=value)])
+
+
+def test_main_exits_with_message_on_bad_parameter():
+    proc = subprocess.run(
+        [sys.executable, '-m', 'rko_ros.ros.sim_node', '--ros-args', '-p', 'image_width_px:=2'],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert 'image_width_px' in proc.stderr and 'Traceback' not in proc.stderr
