@@ -1,0 +1,180 @@
+"""`rko train`, `rko export`, `rko bench inference`. Heavy imports stay inside the handlers."""
+import json
+import os
+import sys
+
+from rko_ros.errors import RkoError
+
+
+def _default_data_dir():
+    return os.environ.get('RKO_DATA_DIR', 'data')
+
+
+def register(subparsers):
+    p = subparsers.add_parser(
+        'train', help='behaviour-cloning pretraining of the diffusion policy',
+        description='Pretrain the diffusion policy on recorded episodes (--data-dir: every complete '
+                    'episode in the catalog) or on the built-in synthetic two-mode task '
+                    '(--synthetic). Writes a new model version (checkpoint + ONNX + card) into '
+                    'DATA_DIR/models and activates it, or a single checkpoint to --out.')
+    p.add_argument('--preset', default='small', choices=['small', 'default'],
+                   help='model size preset (default: small, the CPU demo size)')
+    p.add_argument('--config', help='policy config YAML (overrides --preset)')
+    p.add_argument('--synthetic', action='store_true', help='train on the synthetic two-mode task')
+    p.add_argument('--data-dir', default=_default_data_dir(),
+                   help='data directory with catalog.sqlite, episodes/ and models/ '
+                        '(default: $RKO_DATA_DIR or ./data)')
+    p.add_argument('--camera-topics', nargs='+', default=['camera/image_raw'],
+                   help='bag topics of the cameras, in config camera order')
+    p.add_argument('--steps', type=int, help='training steps (default from the config)')
+    p.add_argument('--batch-size', type=int, help='batch size (default from the config)')
+    p.add_argument('--out', help='write only a checkpoint here instead of a model version')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    p.add_argument('--json', action='store_true', help='print one JSON line with the result')
+    p.set_defaults(func=_train)
+
+    p = subparsers.add_parser(
+        'export', help='export a checkpoint to ONNX (policy.onnx + card.yaml)',
+        description='Export the whole inference (normalisation + encoders + DDIM loop) of a '
+                    'checkpoint to one ONNX graph with inputs images/state/noise and output actions, '
+                    'and write card.yaml beside it.')
+    p.add_argument('checkpoint', help='checkpoint.pt written by `rko train`')
+    p.add_argument('--out', required=True, help='output folder')
+    p.set_defaults(func=_export)
+
+
+def register_bench(bench_subparsers):
+    p = bench_subparsers.add_parser(
+        'inference', help='ONNX Runtime vs PyTorch eager, one action chunk',
+        description='Times one full action chunk (encoders + DDIM loop) with ONNX Runtime and with '
+                    'PyTorch eager on the same weights and noise, in the same process; median of '
+                    'repeated runs. Target: ORT faster than eager; on a GPU under 10 ms per chunk.')
+    p.add_argument('--preset', default='small', choices=['small', 'default'])
+    p.add_argument('--repeats', type=int, default=30, help='timed runs per engine (default 30)')
+    p.add_argument('--device', default='cpu', help="torch device for the eager side (e.g. 'cuda')")
+    p.add_argument('--json', action='store_true', help='print one JSON line')
+    p.set_defaults(func=_bench_inference)
+
+
+def _train(args):
+    import numpy as np
+    from rko_ros.policy.config import PolicyConfig
+    from rko_ros.policy.model import DiffusionPolicy
+    from rko_ros.policy.train import train_bc
+
+    cfg = PolicyConfig.from_yaml(args.config) if args.config else PolicyConfig.preset(args.preset)
+    if args.steps:
+        cfg.train.steps = args.steps
+    if args.batch_size:
+        cfg.train.batch_size = args.batch_size
+    episode_ids = []
+    if args.synthetic:
+        from rko_ros.policy.synthetic import make_two_mode_windows
+        windows, _ = make_two_mode_windows(cfg, n=256, seed=cfg.train.seed)
+    else:
+        try:
+            from rko_ros.episodes.catalog import Catalog
+            from rko_ros.episodes.dataset import WindowSpec, load_windows
+        except ImportError as exc:
+            raise RkoError(f'training from bags needs rko_ros.episodes ({exc})') from exc
+        catalog = Catalog(args.data_dir)
+        episode_ids = [e['id'] for e in catalog.list() if e.get('complete')]
+        if not episode_ids:
+            raise RkoError(f'no complete episodes in {args.data_dir}; record some or use --synthetic')
+        spec = WindowSpec.from_config(cfg, {'cameras': args.camera_topics})
+        windows = load_windows(args.data_dir, episode_ids, spec, progress=not args.no_progress)
+    policy = DiffusionPolicy(cfg)
+    ema, metrics = train_bc(policy, windows, progress=not args.no_progress)
+    if args.out:
+        from rko_ros.policy.checkpoint import save_checkpoint
+        save_checkpoint(args.out, ema, extra={'metrics': metrics})
+        result = {'checkpoint': os.path.abspath(args.out), **metrics}
+    else:
+        from rko_ros.policy.store import ModelStore
+        store = ModelStore(args.data_dir)
+        version = store.write_version(ema, parent=None, method='pretrain', activate=True,
+                                      card_extra={'metrics': metrics, 'episodes': episode_ids,
+                                                  'synthetic': bool(args.synthetic)})
+        result = {'version': version, 'model_dir': store.version_dir(version), **metrics}
+    print(json.dumps(result) if args.json else
+          '\n'.join(f'{k}: {v}' for k, v in result.items() if k != 'episodes'))
+    return 0
+
+
+def _export(args):
+    from rko_ros.policy.checkpoint import load_checkpoint
+    from rko_ros.policy.export import export_onnx, write_card
+    policy = load_checkpoint(args.checkpoint)
+    os.makedirs(args.out, exist_ok=True)
+    card = export_onnx(policy, os.path.join(args.out, 'policy.onnx'),
+                       version=os.path.basename(os.path.abspath(args.out)),
+                       source_checkpoint=os.path.abspath(args.checkpoint))
+    write_card(os.path.join(args.out, 'card.yaml'), card)
+    print(f"wrote {os.path.join(args.out, 'policy.onnx')} and card.yaml "
+          f"(sha256 {card['onnx_sha256'][:12]}...)")
+    return 0
+
+
+def bench_inference(preset='small', repeats=30, device='cpu'):
+    import statistics
+    import tempfile
+    import time
+
+    import numpy as np
+    import torch
+    from rko_ros.policy.config import PolicyConfig
+    from rko_ros.policy.export import export_onnx, write_card
+    from rko_ros.policy.model import DiffusionPolicy
+    from rko_ros.policy.runtime import PolicyRuntime
+
+    torch.manual_seed(0)
+    cfg = PolicyConfig.preset(preset)
+    policy = DiffusionPolicy(cfg).eval()
+    obs, act = cfg.obs, cfg.action
+    h, w = obs.image_size_px
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (1, obs.n_obs_steps, len(obs.camera_names), 3, h, w), dtype=np.uint8)
+    state = rng.standard_normal((1, obs.n_obs_steps, obs.state_dim)).astype(np.float32)
+    noise = rng.standard_normal((1, act.horizon, act.action_dim)).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        card = export_onnx(policy, os.path.join(tmp, 'policy.onnx'), version='bench')
+        write_card(os.path.join(tmp, 'card.yaml'), card)
+        runtime = PolicyRuntime(tmp)
+        torch_policy = policy.to(device)
+        t_images, t_state, t_noise = (torch.as_tensor(x, device=device) for x in (images, state, noise))
+
+        def run_torch():
+            with torch.inference_mode():
+                out = torch_policy.sample(t_images, t_state, t_noise)
+            if device.startswith('cuda'):
+                torch.cuda.synchronize()
+            return out.cpu().numpy()
+
+        def timed(fn):
+            fn()  # warm-up
+            fn()
+            samples = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fn()
+                samples.append((time.perf_counter() - start) * 1e3)
+            return statistics.median(samples)
+
+        ort_ms = timed(lambda: runtime.predict(images, state, noise))
+        torch_ms = timed(run_torch)
+        diff = float(np.abs(runtime.predict(images, state, noise) - run_torch()).max())
+        return {'bench': 'inference', 'preset': preset, 'ort_ms': round(ort_ms, 3),
+                'torch_ms': round(torch_ms, 3), 'speedup': round(torch_ms / ort_ms, 3),
+                'max_abs_diff': diff, 'provider': runtime.provider, 'torch_device': device,
+                'params': policy.num_parameters(), 'ddim_steps': cfg.diffusion.num_inference_steps,
+                'horizon': act.horizon, 'repeats': repeats, 'torch_threads': torch.get_num_threads()}
+
+
+def _bench_inference(args):
+    result = bench_inference(args.preset, args.repeats, args.device)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f'{key:>14}: {value}')
+    return 0

@@ -1,0 +1,168 @@
+"""The robot's inference path: numpy + onnxruntime + yaml only, never torch.
+
+`PolicyRuntime` loads one model version (policy.onnx + card.yaml), checks that the file is the one
+the card describes, picks the fastest execution provider present (TensorRT, CUDA, CPU) and runs
+the whole denoising loop in one call. Inputs are validated: a wrong shape, dtype or a NaN raises
+PolicyInputError, never an action computed from bad data.
+"""
+import hashlib
+import os
+import time
+
+import numpy as np
+import yaml
+
+from rko_ros.errors import ModelFileError, PolicyInputError
+
+PREFERRED_PROVIDERS = ('TensorrtExecutionProvider', 'CUDAExecutionProvider', 'CPUExecutionProvider')
+_DTYPES = {'uint8': np.uint8, 'float32': np.float32}
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def choose_providers(requested=None):
+    import onnxruntime as ort
+    available = ort.get_available_providers()
+    if requested:
+        missing = [p for p in requested if p not in available]
+        if missing:
+            raise ModelFileError(f'execution providers {missing} are not available here '
+                                 f'(available: {available}); install onnxruntime-gpu '
+                                 f'(requirements/gpu.txt) or drop them')
+        return list(requested)
+    return [p for p in PREFERRED_PROVIDERS if p in available]
+
+
+class PolicyRuntime:
+    def __init__(self, model_dir, providers=None, intra_op_threads=0):
+        import onnxruntime as ort
+        if os.path.isdir(model_dir):
+            self.onnx_path = os.path.join(model_dir, 'policy.onnx')
+        else:
+            self.onnx_path, model_dir = model_dir, os.path.dirname(model_dir)
+        self.model_dir = os.path.abspath(model_dir)
+        card_path = os.path.join(self.model_dir, 'card.yaml')
+        for path in (self.onnx_path, card_path):
+            if not os.path.isfile(path):
+                raise ModelFileError(f'{path} is missing; export the model with `rko export`')
+        try:
+            with open(card_path) as f:
+                self.card = yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            raise ModelFileError(f'card {card_path} is not valid YAML: {exc}') from exc
+        if not isinstance(self.card, dict) or 'inputs' not in self.card:
+            raise ModelFileError(f'card {card_path} has no inputs section; re-export the model')
+        expected_sha = self.card.get('onnx_sha256')
+        actual_sha = _sha256(self.onnx_path)
+        if expected_sha != actual_sha:
+            raise ModelFileError(
+                f'{self.onnx_path} has sha256 {actual_sha[:12]}..., its card says '
+                f'{str(expected_sha)[:12]}...: the file was replaced or damaged; re-export it or '
+                f'roll back to another version')
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads:
+            options.intra_op_num_threads = int(intra_op_threads)
+        try:
+            self.session = ort.InferenceSession(self.onnx_path, options,
+                                                providers=choose_providers(providers))
+        except Exception as exc:
+            raise ModelFileError(f'ONNX Runtime cannot load {self.onnx_path}: {exc}') from exc
+        self.provider = self.session.get_providers()[0]
+        self._check_graph_against_card()
+        self.version = self.card.get('version') or os.path.basename(self.model_dir)
+        self.input_spec = {spec['name']: spec for spec in self.card['inputs']}
+        self.last_latency_ms = None
+
+    def _check_graph_against_card(self):
+        graph = {i.name: i for i in self.session.get_inputs()}
+        for spec in self.card['inputs']:
+            node = graph.get(spec['name'])
+            if node is None:
+                raise ModelFileError(f"card input '{spec['name']}' is not an input of "
+                                     f'{self.onnx_path} (graph inputs {sorted(graph)}); re-export')
+            graph_shape = [d if isinstance(d, int) else None for d in node.shape]
+            card_shape = [d if isinstance(d, int) else None for d in spec['shape']]
+            if graph_shape != card_shape:
+                raise ModelFileError(f"input '{spec['name']}': graph shape {node.shape} != card "
+                                     f"shape {spec['shape']}; the card belongs to another model")
+
+    # --- queries -----------------------------------------------------------------------------
+    @property
+    def horizon(self):
+        return int(self.card['horizon'])
+
+    @property
+    def action_dim(self):
+        return len(self.card['action_names'])
+
+    def check_matches(self, camera_names=None, joint_names=None, image_size_px=None,
+                      action_names=None, control_rate_hz=None):
+        """Raise ModelFileError naming the first difference between the card and the caller's setup."""
+        checks = [('camera_names', camera_names, 'camera order'),
+                  ('joint_names', joint_names, 'state joints'),
+                  ('image_size_px', image_size_px, 'image size (H, W)'),
+                  ('action_names', action_names, 'action names')]
+        for key, value, what in checks:
+            if value is not None and list(value) != list(self.card[key]):
+                raise ModelFileError(f'{what}: node has {list(value)}, model {self.version} expects '
+                                     f'{list(self.card[key])} (card.yaml {key}); fix the parameter '
+                                     f'or load a model trained for this setup')
+        if control_rate_hz is not None and abs(control_rate_hz - self.card['control_rate_hz']) > 1e-6:
+            raise ModelFileError(f"control_rate_hz: node runs at {control_rate_hz} Hz, model "
+                                 f"{self.version} was trained at {self.card['control_rate_hz']} Hz")
+
+    # --- inference ---------------------------------------------------------------------------
+    def _validate(self, name, value, batched):
+        spec = self.input_spec[name]
+        dtype = _DTYPES[spec['dtype']]
+        value = np.asarray(value)
+        if value.dtype != dtype:
+            raise PolicyInputError(f'{name}: got dtype {value.dtype}, model {self.version} expects '
+                                   f"{spec['dtype']}; convert it (images are uint8 RGB, "
+                                   f'channels-first)')
+        expected = [value.shape[0] if batched else None] + list(spec['shape'][1:])
+        shape = list(value.shape) if batched else [None] + list(value.shape)
+        if shape != expected:
+            got = tuple(value.shape)
+            want = tuple(expected[1:] if not batched else expected)
+            hint = ('resize the camera image to card.yaml image_size_px or re-export'
+                    if name == 'images' else 'check joint order and n_obs_steps in card.yaml')
+            raise PolicyInputError(f'{name}: got shape {got}, model {self.version} expects {want}; '
+                                   f'{hint}')
+        if value.dtype.kind == 'f' and not np.isfinite(value).all():
+            raise PolicyInputError(f'{name}: holds NaN or inf (first at index '
+                                   f'{tuple(int(i) for i in np.argwhere(~np.isfinite(value))[0])}); refusing to act '
+                                   f'on it: check the sensor driver')
+        return np.ascontiguousarray(value)
+
+    def predict(self, images, state, noise=None, seed=None):
+        """images (To,N,3,H,W) uint8 + state (To,S) -> actions (H,A); batched inputs add a B axis."""
+        images = np.asarray(images)
+        batched = images.ndim == len(self.input_spec['images']['shape'])
+        images = self._validate('images', images, batched)
+        state = self._validate('state', state, batched)
+        b = images.shape[0] if batched else 1
+        if batched and state.shape[0] != b:
+            raise PolicyInputError(f'state batch {state.shape[0]} != images batch {b}')
+        if noise is None:
+            rng = np.random.default_rng(seed)
+            noise = rng.standard_normal((b, self.horizon, self.action_dim)).astype(np.float32)
+            noise = noise if batched else noise[0]
+        noise = self._validate('noise', noise, batched)
+        feeds = {'images': images if batched else images[None],
+                 'state': state if batched else state[None],
+                 'noise': noise if batched else noise[None]}
+        start = time.perf_counter()
+        actions = self.session.run(['actions'], feeds)[0]
+        self.last_latency_ms = (time.perf_counter() - start) * 1e3
+        if not np.isfinite(actions).all():
+            raise PolicyInputError(f'model {self.version} produced NaN/inf actions; not acting. '
+                                   f'Roll back (policy/rollback) and check the training run')
+        return actions if batched else actions[0]

@@ -1,0 +1,190 @@
+"""The diffusion policy core: ONNX == PyTorch, torch-free runtime, real multi-modality, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from rko_ros import cli
+from rko_ros.errors import ConfigError, ModelFileError, PolicyInputError
+from rko_ros.policy.checkpoint import load_checkpoint, save_checkpoint
+from rko_ros.policy.config import PolicyConfig
+from rko_ros.policy.model import DiffusionPolicy
+from rko_ros.policy.runtime import PolicyRuntime
+from rko_ros.policy.store import ModelStore
+from rko_ros.policy.synthetic import make_two_mode_windows, mode_of
+
+TINY = {'obs': {'image_size_px': [32, 32]},
+        'model': {'encoder_channels': [8, 16], 'feature_dim': 16, 'down_dims': [32, 64],
+                  'diffusion_step_embed_dim': 32},
+        'train': {'steps': 500, 'batch_size': 32, 'lr': 1e-3, 'warmup_steps': 20, 'num_threads': 1}}
+
+
+def tiny_config(**overrides):
+    data = {k: dict(v) for k, v in TINY.items()}
+    for section, values in overrides.items():
+        data.setdefault(section, {}).update(values)
+    return PolicyConfig.from_dict(data)
+
+
+@pytest.fixture(scope='module')
+def store_with_model(tmp_path_factory):
+    torch.manual_seed(0)
+    policy = DiffusionPolicy(tiny_config()).eval()
+    windows, _ = make_two_mode_windows(policy.config, n=16)
+    policy.fit_normalizer(windows.state.reshape(-1, 3), windows.action.reshape(-1, 3))
+    store = ModelStore(tmp_path_factory.mktemp('data'))
+    version = store.write_version(policy, method='pretrain', activate=True)
+    return store, version, policy
+
+
+def _inputs(card, batch=None, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = lambda name: [s for s in next(i for i in card['inputs'] if i['name'] == name)['shape'][1:]]
+    lead = [batch] if batch else []
+    images = rng.integers(0, 256, lead + shape('images'), dtype=np.uint8)
+    state = rng.standard_normal(lead + shape('state')).astype(np.float32)
+    noise = rng.standard_normal(lead + shape('noise')).astype(np.float32)
+    return images, state, noise
+
+
+def test_onnx_runtime_matches_pytorch(store_with_model):
+    store, version, policy = store_with_model
+    runtime = PolicyRuntime(store.version_dir(version))
+    assert runtime.provider == 'CPUExecutionProvider'
+    images, state, noise = _inputs(runtime.card, batch=3)
+    ort_actions = runtime.predict(images, state, noise)
+    with torch.no_grad():
+        torch_actions = policy.sample(torch.as_tensor(images), torch.as_tensor(state),
+                                      torch.as_tensor(noise)).numpy()
+    assert ort_actions.shape == (3, 16, 3)
+    assert np.abs(ort_actions - torch_actions).max() < 1e-4
+    # Unbatched call gives the same first chunk; another noise gives another chunk.
+    single = runtime.predict(images[0], state[0], noise[0])
+    assert np.abs(single - ort_actions[0]).max() < 1e-5
+    assert np.abs(runtime.predict(images[0], state[0], noise[1]) - single).max() > 1e-3
+
+
+def test_runtime_works_without_torch(store_with_model):
+    store, version, _ = store_with_model
+    code = (
+        'import sys; sys.modules["torch"] = None\n'
+        'import numpy as np\n'
+        'from rko_ros.policy.runtime import PolicyRuntime\n'
+        f'rt = PolicyRuntime({store.version_dir(version)!r})\n'
+        'out = rt.predict(np.zeros((2, 1, 3, 32, 32), np.uint8), np.zeros((2, 3), np.float32), seed=1)\n'
+        'assert "torch" not in sys.modules or sys.modules["torch"] is None\n'
+        'print(out.shape, rt.provider)\n')
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert '(16, 3) CPUExecutionProvider' in result.stdout
+
+
+def test_rko_train_synthetic_reproduces_both_modes(tmp_path):
+    config_path = tmp_path / 'tiny.yaml'
+    config_path.write_text(yaml.safe_dump(TINY))
+    checkpoint = tmp_path / 'synthetic.pt'
+    assert cli.main(['train', '--synthetic', '--config', str(config_path), '--out', str(checkpoint),
+                     '--no-progress', '--json']) == 0
+    policy = load_checkpoint(str(checkpoint))
+    windows, _ = make_two_mode_windows(policy.config, n=64)
+    with torch.no_grad():
+        actions = policy.sample(torch.as_tensor(windows.images), torch.as_tensor(windows.state),
+                                torch.randn(64, 16, 3, generator=torch.Generator().manual_seed(3))).numpy()
+    counts = np.bincount(mode_of(actions), minlength=2)
+    # Both modes, each with a substantial share: a unimodal regressor would give one averaged mode.
+    assert counts.min() >= 16, counts
+    # And the samples are real modes (end near +-0.5), not the average (0).
+    assert np.abs(np.abs(actions[:, -1, 0]) - 0.5).mean() < 0.2
+
+
+def test_corrupt_checkpoint_gives_clear_error(tmp_path):
+    path = tmp_path / 'checkpoint.pt'
+    save_checkpoint(str(path), DiffusionPolicy(tiny_config()))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match='corrupt or truncated'):
+        load_checkpoint(str(path))
+    with pytest.raises(ModelFileError, match='does not exist'):
+        load_checkpoint(str(tmp_path / 'missing.pt'))
+
+
+def test_onnx_file_not_matching_card_is_refused(store_with_model, tmp_path):
+    store, version, _ = store_with_model
+    source = store.version_dir(version)
+    tampered = tmp_path / 'tampered'
+    tampered.mkdir()
+    (tampered / 'policy.onnx').write_bytes(open(os.path.join(source, 'policy.onnx'), 'rb').read() + b'x')
+    (tampered / 'card.yaml').write_text(open(os.path.join(source, 'card.yaml')).read())
+    with pytest.raises(ModelFileError, match='sha256'):
+        PolicyRuntime(str(tampered))
+    # A card from another model (other image size) with a matching hash: the graph check catches it.
+    card = yaml.safe_load(open(os.path.join(source, 'card.yaml')))
+    card['inputs'][0]['shape'][-1] = 48
+    (tampered / 'policy.onnx').write_bytes(open(os.path.join(source, 'policy.onnx'), 'rb').read())
+    (tampered / 'card.yaml').write_text(yaml.safe_dump(card))
+    with pytest.raises(ModelFileError, match="input 'images'"):
+        PolicyRuntime(str(tampered))
+    runtime = PolicyRuntime(source)
+    with pytest.raises(ModelFileError, match='camera order'):
+        runtime.check_matches(camera_names=['left', 'right'])
+    with pytest.raises(ModelFileError, match='state joints'):
+        runtime.check_matches(joint_names=['a', 'b', 'c'])
+
+
+def test_bad_inputs_are_refused_with_the_fix(store_with_model):
+    store, version, _ = store_with_model
+    runtime = PolicyRuntime(store.version_dir(version))
+    images, state, noise = _inputs(runtime.card)
+    with pytest.raises(PolicyInputError, match=r'images: got shape \(2, 1, 3, 32, 48\).*image_size_px'):
+        runtime.predict(np.zeros((2, 1, 3, 32, 48), np.uint8), state)
+    with pytest.raises(PolicyInputError, match='images: got dtype float32.*uint8'):
+        runtime.predict(images.astype(np.float32), state)
+    bad_state = state.copy()
+    bad_state[1, 2] = np.nan
+    with pytest.raises(PolicyInputError, match=r'state: holds NaN.*\(1, 2\)'):
+        runtime.predict(images, bad_state)
+    with pytest.raises(PolicyInputError, match='state: got shape'):
+        runtime.predict(images, state[:, :2])
+
+
+def test_store_write_is_atomic(store_with_model, monkeypatch):
+    store, version, policy = store_with_model
+    before = store.versions()
+
+    def explode(*args, **kwargs):
+        raise RuntimeError('disk on fire')
+    monkeypatch.setattr('rko_ros.policy.export.export_onnx', explode)
+    with pytest.raises(RuntimeError):
+        store.write_version(policy, parent=version, method='rko', activate=True)
+    assert store.versions() == before
+    assert store.active_version() == version
+    assert not [n for n in os.listdir(store.models_dir) if n.startswith('.incoming')]
+    with pytest.raises(ModelFileError, match="version 'v9999-x' does not exist"):
+        store.version_dir('v9999-x')
+
+
+def test_config_validation_names_field_and_value():
+    with pytest.raises(ConfigError, match='n_obs_steps=0'):
+        PolicyConfig.preset('small', obs={'n_obs_steps': 0})
+    with pytest.raises(ConfigError, match='n_action_steps=20'):
+        PolicyConfig.preset('small', action={'n_action_steps': 20})
+    with pytest.raises(ConfigError, match="unknown keys \\['colour'\\]"):
+        PolicyConfig.from_dict({'obs': {'colour': 1}})
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        PolicyConfig.preset('huge')
+    round_trip = PolicyConfig.from_dict(PolicyConfig.preset('default').to_dict())
+    assert round_trip == PolicyConfig.preset('default')
+
+
+def test_bench_inference_prints_json(capsys):
+    from rko_ros.policy.commands import bench_inference
+    result = bench_inference('small', repeats=2)
+    for key in ('ort_ms', 'torch_ms', 'max_abs_diff', 'provider', 'params'):
+        assert key in result
+    assert result['max_abs_diff'] < 1e-4
+    json.dumps(result)
