@@ -4,7 +4,6 @@ Normalisation, the observation encoders and the unrolled DDIM loop are all insid
 the robot needs numpy + onnxruntime only (policy/runtime.py). The card that goes beside the ONNX
 file records everything the runtime and the policy node check before acting.
 """
-import hashlib
 import os
 import tempfile
 import warnings
@@ -14,6 +13,7 @@ from torch import nn
 import yaml
 
 from rko_ros.errors import ModelFileError
+from rko_ros.policy.runtime import sha256_of
 
 OPSET = 17
 CARD_FORMAT = 'rko_ros.card/1'
@@ -26,14 +26,6 @@ class InferenceGraph(nn.Module):
 
     def forward(self, images, state, noise):
         return self.policy.sample(images, state, noise)
-
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def io_spec(config, batch='batch'):

@@ -18,7 +18,7 @@ PREFERRED_PROVIDERS = ('TensorrtExecutionProvider', 'CUDAExecutionProvider', 'CP
 _DTYPES = {'uint8': np.uint8, 'float32': np.float32}
 
 
-def _sha256(path):
+def sha256_of(path):
     digest = hashlib.sha256()
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(1 << 20), b''):
@@ -59,7 +59,7 @@ class PolicyRuntime:
         if not isinstance(self.card, dict) or 'inputs' not in self.card:
             raise ModelFileError(f'card {card_path} has no inputs section; re-export the model')
         expected_sha = self.card.get('onnx_sha256')
-        actual_sha = _sha256(self.onnx_path)
+        actual_sha = sha256_of(self.onnx_path)
         if expected_sha != actual_sha:
             raise ModelFileError(
                 f'{self.onnx_path} has sha256 {actual_sha[:12]}..., its card says '
