@@ -234,6 +234,10 @@ class DiffusionPolicy(nn.Module):
         sq = (eps - self.predict_noise(a_t, t, global_cond)) ** 2
         return sq.flatten(1).sum(-1) if reduction == 'sum' else sq.flatten(1).mean(-1)
 
+    def forward(self, batch, t, eps, reduction='mean'):
+        # DistributedDataParallel calls forward: the per-sample denoising error is what trains.
+        return self.denoise_error(batch, t, eps, reduction)
+
     def bc_loss(self, batch, generator=None):
         t, eps = self.sample_timesteps_and_noise(batch['action'].shape[0], generator=generator,
                                                  device=batch['action'].device)

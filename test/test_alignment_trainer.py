@@ -1,0 +1,130 @@
+"""The fine-tuning trainer on a synthetic two-mode policy: every method moves toward the labels."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from rko_ros.alignment.trainer import FinetuneConfig, LabelledWindows, finetune
+from rko_ros.errors import ModelFileError, TrainingError
+from rko_ros.policy.config import PolicyConfig
+from rko_ros.policy.model import DiffusionPolicy
+from rko_ros.policy.store import ModelStore
+from rko_ros.policy.synthetic import RIGHT, make_two_mode_windows, mode_of
+from rko_ros.policy.train import train_bc
+
+TINY = dict(obs={'image_size_px': [32, 32]},
+            model={'encoder_channels': [8, 16], 'feature_dim': 16, 'down_dims': [32, 64],
+                   'diffusion_step_embed_dim': 32},
+            train={'steps': 400, 'batch_size': 32, 'lr': 1e-3, 'warmup_steps': 20, 'num_threads': 1})
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = PolicyConfig.preset('small', **TINY)
+    windows, modes = make_two_mode_windows(config, n=128)
+    ema, _ = train_bc(DiffusionPolicy(config), windows, progress=False)
+    store = ModelStore(tmp_path_factory.mktemp('align'))
+    parent = store.write_version(ema, method='pretrain', activate=True)
+    # 16 "episodes" of 8 windows each, all of one mode; RIGHT ones are labelled desirable.
+    episode_modes = np.arange(16) % 2
+    modes = np.repeat(episode_modes, 8)
+    windows, _ = make_two_mode_windows(config, n=128, modes=modes, seed=1)
+    label = np.where(modes == RIGHT, 1, -1)
+    data = LabelledWindows(windows, label, np.arange(128) // 8, [f'ep{i:03d}' for i in range(16)])
+    return store, parent, data, windows
+
+
+def right_fraction(policy, windows, n=64):
+    with torch.no_grad():
+        actions = policy.sample(torch.as_tensor(windows.images[:n]), torch.as_tensor(windows.state[:n]),
+                                torch.randn(n, 16, 3, generator=torch.Generator().manual_seed(7))).numpy()
+    return float((mode_of(actions) == RIGHT).mean())
+
+
+@pytest.fixture(scope='module')
+def results(pretrained):
+    store, parent, data, windows = pretrained
+    out = {'before': right_fraction(store.load_policy(parent), windows)}
+    for method in ('sft', 'kto', 'rko', 'dpo', 'rpo', 'fkpd'):
+        cfg = FinetuneConfig(method=method, steps=40, batch_size=16, eval_every=20, patience=100)
+        version, summary = finetune(store, parent, data, cfg, behaviour=windows, progress=False)
+        out[method] = right_fraction(store.load_policy(version), windows)
+        out[method + '_version'] = version
+    print('favoured-mode fraction:', {k: v for k, v in out.items() if not k.endswith('_version')})
+    return out
+
+
+@pytest.mark.parametrize('method', ['sft', 'kto', 'rko', 'dpo', 'rpo', 'fkpd'])
+def test_every_method_moves_toward_the_favoured_mode(results, method):
+    assert 0.25 <= results['before'] <= 0.75          # the pretrained policy really is two-moded
+    assert results[method] >= results['before'] + 0.15, results
+
+
+def test_rko_at_least_as_fast_as_kto(results):
+    assert results['rko'] >= results['kto'], results
+
+
+def test_new_version_card_and_files(pretrained, results):
+    store, parent, _, _ = pretrained
+    version = results['rko_version']
+    card = store.read_card(version)
+    assert card['parent'] == parent and card['method'] == 'rko'
+    assert card['hyperparameters']['tau'] == 0.15 and card['hyperparameters']['beta'] == 12.0
+    assert len(card['episodes']) == 16
+    assert np.isfinite(card['metrics']['best_holdout_margin'])
+    files = os.listdir(store.version_dir(version))
+    assert {'checkpoint.pt', 'policy.onnx', 'card.yaml', 'metrics.csv', 'training.png'} <= set(files)
+    assert store.active_version() == parent     # fine-tuning never switches the live model itself
+
+
+def test_bad_inputs(pretrained):
+    store, parent, data, windows = pretrained
+    only_good = LabelledWindows(windows, np.ones(128, int), data.episode_index, data.episode_ids)
+    with pytest.raises(TrainingError, match='no undesirable'):
+        finetune(store, parent, only_good, FinetuneConfig(method='rko', steps=1), progress=False)
+    unlabelled = LabelledWindows(windows, np.zeros(128, int), data.episode_index, data.episode_ids)
+    with pytest.raises(TrainingError, match='no labelled episodes'):
+        finetune(store, parent, unlabelled, FinetuneConfig(method='kto', steps=1), progress=False)
+    tiny = LabelledWindows(windows.subset([0, 8]), np.array([-1, 1]), np.array([0, 1]), ['a', 'b'])
+    with pytest.raises(TrainingError, match='too few labelled windows'):
+        finetune(store, parent, tiny, FinetuneConfig(method='kto', steps=1), progress=False)
+    with pytest.raises(ModelFileError, match="version 'v0999-nope' does not exist"):
+        finetune(store, 'v0999-nope', data, FinetuneConfig(method='kto', steps=1), progress=False)
+    with pytest.raises(TrainingError, match="method 'ppo' is unknown"):
+        FinetuneConfig(method='ppo')
+    with pytest.raises(TrainingError, match='fkpd needs the behaviour'):
+        finetune(store, parent, data, FinetuneConfig(method='fkpd', steps=1), progress=False)
+
+
+def test_killed_run_leaves_no_version_and_active_untouched(pretrained, tmp_path):
+    store, parent, data, windows = pretrained
+    np.savez(tmp_path / 'data.npz', images=windows.images, state=windows.state, action=windows.action,
+             label=data.label, episode=data.episode_index)
+    script = f'''
+import numpy as np, torch
+torch.set_num_threads(1)
+from rko_ros.alignment.trainer import FinetuneConfig, LabelledWindows, finetune
+from rko_ros.policy.store import ModelStore
+from rko_ros.policy.train import ArrayWindows
+d = np.load({str(tmp_path / 'data.npz')!r})
+w = ArrayWindows(d['images'], d['state'], d['action'])
+data = LabelledWindows(w, d['label'], d['episode'])
+def on_step(step, row):
+    if step == 3:
+        print('RUNNING', flush=True)
+finetune(ModelStore({store.data_dir!r}), {parent!r}, data, FinetuneConfig(method='rko', steps=100000), progress=False, on_step=on_step)
+'''
+    before = store.versions()
+    proc = subprocess.Popen([sys.executable, '-c', script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == 'RUNNING'
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert store.versions() == before
+    assert store.active_version() == parent
