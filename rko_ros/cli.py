@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     'rko_ros.alignment.commands',
     'rko_ros.sim.commands',
     'rko_ros.ros.commands',
+    'rko_ros.demo.commands',
 )
 
 

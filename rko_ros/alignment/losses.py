@@ -61,15 +61,19 @@ def kto_reference_point(g):
     return torch.clamp(g.detach().mean(), min=0.0)
 
 
-def kto_loss(g, q, beta=12.0, lambda_d=1.0, lambda_u=1.0, utility='sigmoid', weights=None):
+def kto_loss(g, q, beta=12.0, lambda_d=1.0, lambda_u=1.0, utility='sigmoid', weights=None,
+             reference_point=None):
     """Diffusion-KTO: u_b = sigmoid(q_b beta (g_b - z0)); loss = mean_b lambda_{q_b} (1 - u_b).
 
     With `utility='log_sigmoid'` (the HALOs loss-averse option) the per-sample loss is -log sigmoid.
     `weights` (stop-gradient, per sample) turns the mean into sum_b s_b l_b / sum_b s_b: that is RKO;
     with all weights 1 it is exactly this KTO loss.
+    `reference_point` (detached) replaces the batch estimate max(0, mean g): the tabular bandit
+    (bandit.py) passes the exact mean over arms, which may be negative, so that its fixed point is the
+    centred one of DESIGN.md section 6; the trainer leaves it None.
     """
     q = q.to(g.dtype)
-    z0 = kto_reference_point(g)
+    z0 = kto_reference_point(g) if reference_point is None else reference_point.detach()
     x = q * beta * (g - z0)
     lam = torch.where(q > 0, torch.full_like(g, lambda_d), torch.full_like(g, lambda_u))
     per_sample = lam * ((1.0 - _utility(x, utility)) if utility == 'sigmoid' else -_utility(x, utility))
@@ -87,9 +91,11 @@ def kto_loss(g, q, beta=12.0, lambda_d=1.0, lambda_u=1.0, utility='sigmoid', wei
     return loss, metrics
 
 
-def rko_loss(g, q, weights, beta=12.0, lambda_d=1.0, lambda_u=1.0, utility='sigmoid'):
+def rko_loss(g, q, weights, beta=12.0, lambda_d=1.0, lambda_u=1.0, utility='sigmoid',
+             reference_point=None):
     """RKO: KTO's per-sample utility, weighted by observation similarity (weights.rko_weights)."""
-    return kto_loss(g, q, beta, lambda_d, lambda_u, utility, weights=weights)
+    return kto_loss(g, q, beta, lambda_d, lambda_u, utility, weights=weights,
+                    reference_point=reference_point)
 
 
 def fkpd_loss(g_w, g_l, e_theta_behaviour, beta=10.0, lambda_fkl=1.0):

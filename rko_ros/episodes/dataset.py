@@ -84,7 +84,10 @@ class WindowSpec:
                    joint_names=tuple(cfg.obs.joint_names),
                    action_topic=topics.get('action_topic', 'action'),
                    action_names=tuple(cfg.action.action_names),
-                   tolerance_s=float(topics.get('tolerance_s', 0.05)))
+                   # The policy acts on the newest frame it has, up to a camera period old; a window may
+                   # do the same, up to 1.5 control ticks (0.15 s at 10 Hz).
+                   tolerance_s=float(topics.get('tolerance_s',
+                                                max(0.05, 1.5 / cfg.action.control_rate_hz))))
 
     def key(self):
         text = json.dumps([CACHE_VERSION, dataclasses.asdict(self)], sort_keys=True)

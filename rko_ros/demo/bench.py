@@ -1,0 +1,121 @@
+"""`rko bench alignment`: every method from the same pretrained policy and the same labels.
+
+The labelled rollouts are drawn once (the largest label count; smaller counts take a prefix), so
+methods differ only in their loss. Evaluation rollouts are batched through ONNX Runtime offline:
+the same runtime the policy node uses, without the real-time pacing of the ROS loop.
+"""
+import os
+
+import numpy as np
+
+from rko_ros.demo import offline, pipeline
+
+
+def labelled_rollouts(cfg, version_dir, count):
+    from rko_ros.policy.runtime import PolicyRuntime
+    from rko_ros.sim.operator import SimulatedOperator
+    runtime = PolicyRuntime(version_dir)
+    episodes = offline.evaluate_policy(offline.runtime_predictor(runtime), runtime.card,
+                                       cfg.task_config(), pipeline.seeds_for('label', count, cfg.seed),
+                                       batch=10, record_images=True, seed=cfg.seed)
+    operator = SimulatedOperator(cfg.preferred_style)
+    return episodes, [operator.label(e['result']) for e in episodes]
+
+
+def labelled_data(episodes, labels, policy_config):
+    from rko_ros.alignment.trainer import LabelledWindows
+    windows = offline.windows_from_episodes(episodes, policy_config)
+    per_window = np.where(np.asarray(labels)[windows.episode_index], 1, -1)
+    return LabelledWindows(windows, per_window, windows.episode_index,
+                           [f'rollout{i:03d}' for i in range(len(episodes))])
+
+
+def evaluate_version(cfg, version_dir, eval_episodes, seed=0):
+    from rko_ros.policy.runtime import PolicyRuntime
+    runtime = PolicyRuntime(version_dir)
+    episodes = offline.evaluate_policy(offline.runtime_predictor(runtime), runtime.card,
+                                       cfg.task_config(), pipeline.seeds_for('after', eval_episodes, cfg.seed),
+                                       batch=10, seed=seed)
+    return offline.summarize([e['result'] for e in episodes], cfg.preferred_style)
+
+
+def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progress=True):
+    from tqdm import tqdm
+    from rko_ros.alignment.trainer import FinetuneConfig, finetune
+    from rko_ros.demo.commands import _pretrained
+    from rko_ros.policy.store import ModelStore
+
+    pipeline.ensure_dir(cfg.data_dir)
+    parent, _, _ = _pretrained(cfg, progress=progress)
+    store = ModelStore(cfg.data_dir)
+    policy_config = store.load_policy(parent).config
+    pretrained = evaluate_version(cfg, store.version_dir(parent), eval_episodes)
+    label_counts = sorted(set(int(n) for n in label_counts))
+    episodes, labels = labelled_rollouts(cfg, store.version_dir(parent), label_counts[-1])
+    behaviour = None
+    if 'fkpd' in methods:
+        from rko_ros.episodes.dataset import load_windows
+        behaviour = load_windows(cfg.data_dir, store.read_card(parent)['episodes'],
+                                 pipeline.window_spec(policy_config), progress=False)
+    runs = []
+    bar = tqdm(total=len(methods) * len(label_counts) * seeds, desc='fine-tune + evaluate',
+               unit='run', disable=not progress)
+    for n in label_counts:
+        data = labelled_data(episodes[:n], labels[:n], policy_config)
+        for method in methods:
+            for s in range(seeds):
+                row = {'method': method, 'labels': n, 'seed': s,
+                       'desirable': int(sum(labels[:n]))}
+                try:
+                    fc = FinetuneConfig(method=method, steps=cfg.finetune_steps,
+                                        batch_size=max(4, cfg.batch_size // 2), seed=cfg.seed + s)
+                    version, summary = finetune(store, parent, data, fc, behaviour=behaviour,
+                                                progress=False)
+                    row.update(evaluate_version(cfg, store.version_dir(version), eval_episodes, seed=s))
+                    row['version'] = version
+                except Exception as exc:  # e.g. no desirable label among the first n: record it
+                    row.update({'error': str(exc), 'preferred_success': float('nan'),
+                                'mean_quality': float('nan')})
+                runs.append(row)
+                bar.update(1)
+    bar.close()
+    table = {}
+    for method in methods:
+        table[method] = {}
+        for n in label_counts:
+            cells = [r for r in runs if r['method'] == method and r['labels'] == n]
+            table[method][str(n)] = {
+                'preferred_success_mean': float(np.nanmean([r['preferred_success'] for r in cells])),
+                'preferred_success_runs': [r['preferred_success'] for r in cells],
+                'mean_quality_mean': float(np.nanmean([r['mean_quality'] for r in cells]))}
+    top = str(label_counts[-1])
+    rko_ahead = []
+    if 'rko' in table:
+        rko_ahead = [m for m in methods if m != 'rko' and
+                     table['rko'][top]['preferred_success_mean'] > table[m][top]['preferred_success_mean']]
+    result = {'bench': 'alignment', 'preferred_style': cfg.preferred_style, 'methods': list(methods),
+              'labels': label_counts, 'seeds': seeds, 'eval_episodes': eval_episodes,
+              'finetune_steps': cfg.finetune_steps, 'pretrained_version': parent,
+              'pretrained': pretrained, 'table': table, 'rko_ahead_of': rko_ahead, 'runs': runs}
+    result['plot'] = _plot(result, os.path.join(cfg.data_dir, 'alignment_bench.png'))
+    return result
+
+
+def _plot(result, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in result['methods']:
+        ys = [result['table'][method][str(n)]['preferred_success_mean'] for n in result['labels']]
+        ax.plot(result['labels'], ys, 'o-', label=method)
+    ax.axhline(result['pretrained']['preferred_success'], color='grey', ls=':', label='pretrained')
+    ax.axhline(0.9, color='k', lw=0.8, ls='--')
+    ax.set_xlabel('labelled episodes')
+    ax.set_ylabel('preferred-style success')
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

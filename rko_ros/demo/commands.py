@@ -1,0 +1,188 @@
+"""`rko demo` (what `make demo` runs) and `rko bench alignment` (the paper's comparison in sim)."""
+import json
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+from rko_ros.errors import RkoError
+
+
+def register(subparsers):
+    p = subparsers.add_parser(
+        'demo', help='the whole loop on the simulated cloth: demos -> pretrain -> label -> RKO -> hot swap',
+        description='Runs the main job on the embedded simulated cloth-folding task: records scripted '
+                    'demonstrations of several fold styles into rosbag2 episodes, pretrains the small '
+                    'diffusion policy, brings up the real ROS 2 nodes (`rko up --sim`), runs episodes '
+                    'through the policy node while the simulated operator labels them through the '
+                    'feedback services, starts fine-tuning (RKO by default) through trainer/start, '
+                    'waits for the hot swap and evaluates again. Prints a before/after table and '
+                    'writes a report folder (plot, frames, JSON).')
+    p.add_argument('--out', default='demo_out', help='data + report folder (default demo_out)')
+    p.add_argument('--quick', action='store_true', help='tiny sizes for tests (about a minute)')
+    p.add_argument('--preferred-style', default='left_to_right',
+                   help='the fold style the simulated operator wants (default left_to_right)')
+    p.add_argument('--method', default='rko', choices=['rko', 'kto', 'rpo', 'dpo', 'fkpd', 'sft'])
+    p.add_argument('--demos-per-style', type=int, help='scripted demonstrations per style')
+    p.add_argument('--pretrain-steps', type=int, help='BC steps')
+    p.add_argument('--label-episodes', type=int, help='episodes the operator labels (before)')
+    p.add_argument('--eval-episodes', type=int, help='episodes run after the hot swap')
+    p.add_argument('--finetune-steps', type=int, help='fine-tuning steps')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--keep', action='store_true', help='reuse demonstrations/pretrained model in --out')
+    p.add_argument('--json', action='store_true', help='print the summary as one JSON line at the end')
+    p.set_defaults(func=_demo)
+
+
+def register_bench(bench_subparsers):
+    p = bench_subparsers.add_parser(
+        'alignment', help='sft/dpo/rpo/kto/rko/fkpd on the simulated cloth, same labels, several seeds',
+        description='The paper\'s comparison in simulation: one pretrained policy, the same labelled '
+                    'rollouts for every method, several seeds, preferred-style success and fold '
+                    'quality after fine-tuning, and a sweep over the number of labelled episodes. '
+                    'Evaluation rollouts are batched through ONNX Runtime offline (no ROS) so the '
+                    'sweep fits on a CPU. Prints a table and one JSON line; writes a PNG.')
+    p.add_argument('--out', default='bench_alignment_out')
+    p.add_argument('--methods', nargs='+', default=['sft', 'dpo', 'kto', 'rko'],
+                   choices=['sft', 'dpo', 'rpo', 'kto', 'rko', 'fkpd'])
+    p.add_argument('--labels', nargs='+', type=int, default=[10, 20],
+                   help='numbers of labelled episodes to sweep (default 10 20)')
+    p.add_argument('--seeds', type=int, default=2, help='fine-tuning seeds per setting (default 2)')
+    p.add_argument('--eval-episodes', type=int, default=30)
+    p.add_argument('--finetune-steps', type=int, default=200)
+    p.add_argument('--pretrain-steps', type=int, default=3000)
+    p.add_argument('--demos-per-style', type=int, default=20)
+    p.add_argument('--preferred-style', default='left_to_right')
+    p.add_argument('--quick', action='store_true', help='tiny sizes for tests')
+    p.add_argument('--json', action='store_true')
+    p.set_defaults(func=_bench_alignment)
+
+
+def _config(args):
+    from rko_ros.demo.pipeline import DemoConfig
+    overrides = {k: v for k, v in {
+        'data_dir': os.path.abspath(args.out), 'preferred_style': args.preferred_style,
+        'method': getattr(args, 'method', 'rko'), 'seed': getattr(args, 'seed', 0),
+        'demos_per_style': args.demos_per_style, 'pretrain_steps': args.pretrain_steps,
+        'label_episodes': getattr(args, 'label_episodes', None),
+        'eval_episodes': getattr(args, 'eval_episodes', None),
+        'finetune_steps': args.finetune_steps}.items() if v is not None}
+    from rko_ros.sim.styles import STYLES
+    if args.preferred_style not in STYLES:
+        raise RkoError(f"--preferred-style '{args.preferred_style}' is not a style; choose one of "
+                       f'{sorted(STYLES)}')
+    return DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
+
+
+def _stage(name):
+    print(f'\n== {name}', file=sys.stderr, flush=True)
+
+
+def _pretrained(cfg, progress=True):
+    """Demonstrations + pretraining, reused from cfg.data_dir when already there (--keep)."""
+    from tqdm import tqdm
+    from rko_ros.demo import pipeline
+    from rko_ros.policy.store import ModelStore
+    store = ModelStore(cfg.data_dir)
+    pretrained = [v for v in store.versions() if store.read_card(v).get('method') == 'pretrain']
+    if pretrained:
+        return pretrained[-1], store.read_card(pretrained[-1]).get('metrics', {}), 0.0
+    _stage(f'1/5 scripted demonstrations ({len(cfg.styles)} styles x {cfg.demos_per_style})')
+    start = time.perf_counter()
+    with tqdm(total=len(cfg.styles) * cfg.demos_per_style, desc='demonstrations', unit='episode',
+              disable=not progress) as bar:
+        ids, episodes = pipeline.record_demonstrations(cfg, progress=bar)
+    demo_success = sum(e['result'].success for e in episodes) / len(episodes)
+    _stage(f'2/5 pretraining the small diffusion policy ({cfg.pretrain_steps} steps)')
+    version, metrics = pipeline.pretrain(cfg, ids, progress=progress)
+    metrics['demonstration_success'] = demo_success
+    return version, metrics, time.perf_counter() - start
+
+
+def _demo(args):
+    from tqdm import tqdm
+    from rko_ros.demo import pipeline, report
+    from rko_ros.demo.loop import RosLoop, write_demo_params
+    from rko_ros.demo.offline import summarize_dicts
+    from rko_ros.ros.commands import default_config_path
+    from rko_ros.sim.operator import SimulatedOperator
+
+    cfg = _config(args)
+    if os.path.isdir(cfg.data_dir) and os.listdir(cfg.data_dir) and not args.keep:
+        raise RkoError(f'{cfg.data_dir} is not empty; remove it, pick another --out, or pass --keep '
+                       f'to reuse its demonstrations and pretrained model')
+    pipeline.ensure_dir(cfg.data_dir)
+    t0 = time.perf_counter()
+    pretrained, pretrain_metrics, _ = _pretrained(cfg)
+    operator = SimulatedOperator(cfg.preferred_style)
+    params = write_demo_params(os.path.join(cfg.data_dir, 'demo_params.yaml'), cfg, default_config_path())
+    _stage('3/5 bring-up (`rko up --sim`), episodes through the policy node, operator labels')
+    loop = RosLoop(cfg.data_dir, params)
+    try:
+        loop.wait_ready()
+        before = []
+        for _ in tqdm(range(cfg.label_episodes), desc='episodes (labelled)', unit='episode'):
+            episode_id, result, label = loop.run_episode(
+                label_fn=lambda r: operator.label(SimpleNamespace(**r)))
+            before.append({'episode': episode_id, 'label': label, **result})
+        desirable = sum(bool(b['label']) for b in before)
+        skipped = ''
+        if cfg.method != 'sft' and desirable in (0, len(before)):
+            # Nothing to align to (or nothing to move away from): a person would record more.
+            skipped = (f'the operator labelled {desirable} of {len(before)} episodes desirable; '
+                       f'{cfg.method} needs both kinds. Record and label more episodes.')
+            new_version = pretrained
+            print(f'fine-tuning skipped: {skipped}', file=sys.stderr)
+        else:
+            _stage(f'4/5 fine-tuning ({cfg.method}) through trainer/start, hot swap')
+            bar = tqdm(total=cfg.finetune_steps, desc=f'fine-tuning ({cfg.method})', unit='step')
+
+            def progress(status):
+                step = int(float(status.get('step', 0) or 0))
+                bar.update(max(0, step - bar.n))
+            new_version = loop.finetune_and_reload(on_progress=progress)
+            bar.close()
+        _stage(f'5/5 evaluation of {new_version} through the policy node')
+        after = []
+        for _ in tqdm(range(cfg.eval_episodes), desc='episodes (after)', unit='episode'):
+            episode_id, result, _ = loop.run_episode()
+            after.append({'episode': episode_id, **result})
+        # The operator's undo button for models: back to the parent, then forward again.
+        rollback_ok = reload_ok = None
+        if new_version != pretrained:
+            rollback_ok, _ = loop.call('policy/rollback')
+            loop.spin_for(1.0)
+            rolled_back_to = loop.policy_status.get('model_version')
+            reload_ok, _ = loop.call('policy/reload')
+            rollback_ok = bool(rollback_ok) and rolled_back_to == pretrained
+    finally:
+        loop.close()
+    summary = {
+        'preferred_style': cfg.preferred_style, 'method': cfg.method,
+        'pretrained_version': pretrained, 'aligned_version': new_version,
+        'labelled_episodes': len(before), 'desirable_labels': sum(bool(b['label']) for b in before),
+        'before': summarize_dicts(before, cfg.preferred_style),
+        'after': summarize_dicts(after, cfg.preferred_style),
+        'rollback_ok': rollback_ok, 'reload_ok': reload_ok, 'finetune_skipped': skipped,
+        'pretrain': pretrain_metrics,
+        'wall_s': round(time.perf_counter() - t0, 1)}
+    summary['target_met'] = (summary['after']['preferred_success'] >= 0.9
+                             and summary['labelled_episodes'] <= 20)
+    report_dir = report.write_demo_report(cfg, summary, before, after)
+    summary['report_dir'] = report_dir
+    print(report.demo_table(summary))
+    if args.json:
+        print(json.dumps(pipeline.as_jsonable(summary)))
+    return 0
+
+
+def _bench_alignment(args):
+    from rko_ros.demo.bench import run_alignment_bench
+    cfg = _config(args)
+    result = run_alignment_bench(cfg, args.methods, args.labels, args.seeds, args.eval_episodes)
+    from rko_ros.demo.pipeline import as_jsonable
+    from rko_ros.demo.report import bench_table
+    print(bench_table(result))
+    if args.json:
+        print(json.dumps(as_jsonable(result)))
+    return 0

@@ -1,0 +1,132 @@
+"""Stages of the cloth demo that touch disk: demonstrations -> bags + catalog -> pretrained version.
+
+Every stage writes real artefacts under one `data_dir` (rosbag2 episodes, catalog.sqlite, model
+versions), so what the demo builds is what a robot team would have: `rko episodes list` and
+`rko finetune` work on it afterwards.
+"""
+import dataclasses
+import os
+
+import numpy as np
+
+from rko_ros.sim.styles import DEFAULT_STYLES
+from rko_ros.sim.task import ACTION_NAMES, JOINT_NAMES, TaskConfig
+
+CAMERA_TOPIC = 'camera/image_raw'
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    data_dir: str = 'demo_out'
+    preferred_style: str = 'left_to_right'
+    styles: tuple = DEFAULT_STYLES
+    demos_per_style: int = 20
+    image_size_px: tuple = (48, 48)
+    pretrain_steps: int = 3000
+    pretrain_lr: float = 1e-3
+    batch_size: int = 64
+    label_episodes: int = 20
+    eval_episodes: int = 20
+    method: str = 'rko'
+    finetune_steps: int = 300
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, **overrides):
+        values = dict(demos_per_style=2, pretrain_steps=20, label_episodes=4, eval_episodes=2,
+                      finetune_steps=6, image_size_px=(32, 32), batch_size=16)
+        values.update(overrides)
+        return cls(**values)
+
+    def task_config(self):
+        return TaskConfig(image_size_px=tuple(self.image_size_px))
+
+    def policy_config(self):
+        from rko_ros.policy.config import PolicyConfig
+        return PolicyConfig.preset(
+            'small', obs={'image_size_px': list(self.image_size_px), 'camera_names': ['camera'],
+                          'joint_names': list(JOINT_NAMES)},
+            action={'action_names': list(ACTION_NAMES),
+                    'control_rate_hz': self.task_config().control_rate_hz},
+            model={'down_dims': [32, 64, 128]},
+            train={'steps': self.pretrain_steps, 'batch_size': self.batch_size,
+                   'lr': self.pretrain_lr, 'warmup_steps': min(50, self.pretrain_steps // 4 + 1),
+                   'seed': self.seed})
+
+
+def write_episodes(data_dir, episodes, model_version, rate_hz, progress=None, source='demo'):
+    """Rollout dicts (images, state, action, result) -> one rosbag2 bag + catalog row each."""
+    from rko_ros.episodes.catalog import Catalog
+    from rko_ros.episodes.recorder import EpisodeRecorder
+    from rko_ros.episodes.synthetic import write_episode
+    ids = []
+    with Catalog(data_dir) as catalog:
+        for episode in episodes:
+            result = episode['result'].to_dict()
+            meta = {'source': source, 'seed': int(episode['seed']), 'style': episode.get('style')}
+            episode_id = catalog.start_episode(model_version, meta=meta)
+            recorder = EpisodeRecorder(catalog.bag_path(episode_id))
+            write_episode(recorder, episode['images'], episode['state'], episode['action'], rate_hz,
+                          list(JOINT_NAMES), list(ACTION_NAMES), camera_topic=CAMERA_TOPIC)
+            stats = recorder.close()
+            catalog.finish_episode(episode_id, outcome=result, complete=not stats.get('error'))
+            ids.append(episode_id)
+            if progress is not None:
+                progress.update(1)
+    return ids
+
+
+def record_demonstrations(cfg, progress=None):
+    from rko_ros.demo.offline import collect_demonstrations
+    episodes = collect_demonstrations(cfg.task_config(), cfg.styles, cfg.demos_per_style,
+                                      seed=cfg.seed, progress=progress)
+    ids = write_episodes(cfg.data_dir, episodes, 'demonstrator', cfg.task_config().control_rate_hz)
+    return ids, episodes
+
+
+def window_spec(policy_config):
+    from rko_ros.episodes.dataset import WindowSpec
+    return WindowSpec.from_config(policy_config, {'cameras': [CAMERA_TOPIC]})
+
+
+def pretrain(cfg, episode_ids, progress=True):
+    """BC on the demonstration bags; writes and activates the first model version."""
+    from rko_ros.episodes.dataset import load_windows
+    from rko_ros.policy.model import DiffusionPolicy
+    from rko_ros.policy.store import ModelStore
+    from rko_ros.policy.train import train_bc
+    import torch
+    torch.manual_seed(cfg.seed)
+    policy_config = cfg.policy_config()
+    windows = load_windows(cfg.data_dir, episode_ids, window_spec(policy_config), progress=False)
+    ema, metrics = train_bc(DiffusionPolicy(policy_config), windows, progress=progress)
+    store = ModelStore(cfg.data_dir)
+    version = store.write_version(ema, parent=None, method='pretrain', activate=True,
+                                  card_extra={'episodes': list(episode_ids), 'metrics': metrics})
+    return version, metrics
+
+
+def style_shares(episodes, styles):
+    found = [e['result'].style for e in episodes]
+    return {s: found.count(s) / max(1, len(found)) for s in styles}
+
+
+def seeds_for(stage, count, base_seed=0):
+    """Disjoint seed ranges per stage, so evaluation never reuses a labelled cloth."""
+    offsets = {'label': 100_000, 'before': 200_000, 'after': 300_000, 'bench': 400_000}
+    return [base_seed + offsets[stage] + i for i in range(count)]
+
+
+def ensure_dir(path):
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def as_jsonable(value):
+    if isinstance(value, dict):
+        return {k: as_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [as_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value

@@ -1,0 +1,146 @@
+"""The ROS-free control core: scheduling, latency compensation, safety gate, a real-model loop."""
+import time
+
+import numpy as np
+import pytest
+
+from rko_ros.policy.runtime import PolicyRuntime
+from rko_ros.policy.store import ModelStore
+from rko_ros.ros.control import (ActionScheduler, ObservationBuffer, PolicyController, SafetyGate,
+                                 TickStats)
+from ros_testing import add_version
+
+
+def test_scheduler_skips_the_actions_inside_the_inference_latency():
+    scheduler = ActionScheduler(n_action_steps=8, horizon=16, rate_hz=10.0)
+    chunk = np.arange(16 * 2, dtype=np.float32).reshape(16, 2)
+    assert scheduler.needs_request(tick=10)
+    # Observation of tick 10, inference took 0.25 s: the chunk is taken at tick 13.
+    scheduler.set_latency(0.25)
+    assert scheduler.latency_ticks == 3
+    scheduler.accept(chunk, obs_tick=10, tick_now=13)
+    action, remaining = scheduler.action(13)
+    np.testing.assert_array_equal(action, chunk[3])
+    assert remaining.shape == (13, 2) and scheduler.skipped_actions == 3
+    # 8 executed per chunk, 3 ticks of latency + 1 of margin: ask for the next at tick 14.
+    assert not scheduler.needs_request(13)
+    assert scheduler.needs_request(14)
+    # A late chunk: keep following the plan to the end of the horizon, then stop.
+    np.testing.assert_array_equal(scheduler.action(25)[0], chunk[15])
+    assert scheduler.action(26) == (None, None)
+
+
+def test_latency_under_one_tick_still_counts_one():
+    scheduler = ActionScheduler(n_action_steps=8, horizon=16, rate_hz=30.0)
+    scheduler.set_latency(0.004)
+    assert scheduler.latency_ticks == 1
+    scheduler.set_latency(1 / 30)
+    assert scheduler.latency_ticks == 1
+
+
+def test_safety_gate_reasons_are_counted_and_logged_once_per_episode():
+    gate = SafetyGate(action_limits=[(-0.3, 0.3), (-0.3, 0.3), (0.0, 1.0)])
+    assert gate.check_action(np.array([0.1, -0.2, 1.0])) is None
+    reason, message = gate.check_action(np.array([0.1, 0.5, 0.0]))
+    assert reason == 'out_of_limits'
+    assert message == 'action[1] = 0.5000 outside action_limits [-0.3, 0.3]'
+    assert gate.check_action(np.array([np.nan, 0, 0]))[0] == 'nan_output'
+    assert [gate.refuse('nan_output', 'x') for _ in range(3)] == [True, False, False]
+    assert gate.counts['nan_output'] == 3
+    gate.new_episode()
+    assert gate.refuse('nan_output', 'x') is True
+
+
+def test_observation_buffer_staleness_and_padding():
+    obs = ObservationBuffer(['left', 'right'], n_obs_steps=2)
+    assert obs.check(0.0, 0.5) == ('no_observation', "no image from camera 'left' yet")
+    image = np.zeros((3, 4, 4), np.uint8)
+    obs.set_image(0, image, 1.0)
+    obs.set_image(1, image + 1, 1.0)
+    assert obs.check(1.0, 0.5) == ('no_observation', 'no joint state yet')
+    obs.set_state([0.0, 1.0, 2.0], 1.1)
+    assert obs.check(1.2, 0.5) is None
+    reason, message = obs.check(1.6, 0.5)
+    assert reason == 'stale_camera' and message.startswith("camera 'left' last image 0.600 s ago")
+    obs.set_image_error(1, "camera 'right' sent 8x8 mono8", 1.6)
+    obs.set_image(0, image, 1.6)
+    assert obs.check(1.6, 0.5) == ('bad_input', "camera 'right' sent 8x8 mono8")
+    obs.set_image(1, image + 1, 1.6)
+    obs.snapshot()
+    images, state, newest_s = obs.stacked()
+    assert images.shape == (2, 2, 3, 4, 4) and state.shape == (2, 3) and newest_s == 1.6
+    np.testing.assert_array_equal(images[0], images[1])  # first step repeated until filled
+
+
+def test_tick_stats_count_missed_ticks_and_jitter():
+    stats = TickStats(rate_hz=10.0)
+    for t in (0.0, 0.1, 0.2015, 0.3, 0.6, 0.7):
+        stats.tick(t)
+    summary = stats.summary()
+    assert summary['ticks'] == 6 and summary['missed'] == 2
+    assert summary['jitter_p50_ms'] == pytest.approx(1.5, abs=1e-6)
+
+
+@pytest.fixture(scope='module')
+def runtime(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp('control')
+    version = add_version(data_dir)
+    return PolicyRuntime(ModelStore(data_dir).version_dir(version), intra_op_threads=1)
+
+
+def _feed(controller, now_s, card):
+    h, w = card['image_size_px']
+    controller.obs.set_image(0, np.full((3, h, w), 128, np.uint8), now_s)
+    controller.obs.set_state([0.0, -0.2, 0.0], now_s)
+
+
+def _run(controller, card, ticks, start_s=0.0, feed=True):
+    out = []
+    for i in range(ticks):
+        now_s = start_s + i * controller.scheduler.period_s
+        if feed:
+            _feed(controller, now_s, card)
+        out.append(controller.tick(now_s))
+        time.sleep(0.01)  # real inference on the worker thread finishes between ticks
+    return out
+
+
+def test_controller_never_runs_dry_with_a_real_model(runtime):
+    card = runtime.card
+    controller = PolicyController(runtime, ['camera'], card['n_obs_steps'],
+                                  card['n_action_steps'], card['horizon'], 10.0,
+                                  max_obs_age_s=0.3)
+    try:
+        results = _run(controller, card, 60)
+        assert results[0] == (None, 'no_chunk')
+        acted = [a for a, _ in results[1:]]
+        assert all(a is not None and a.shape == (3,) and np.isfinite(a).all() for a in acted)
+        status = controller.status()
+        assert status['acted'] == 59 and status['missed'] == 0
+        # ~60 ticks / (8 - 2 per chunk) chunks, each skipping the one tick of its latency.
+        assert 7 <= len(controller.stats.inference_ms) <= 12
+        assert status['skipped_actions'] == len(controller.stats.inference_ms)
+        # Inputs stop: refused after max_obs_age_s, and the stale plan is dropped.
+        results = _run(controller, card, 6, start_s=6.5, feed=False)
+        assert [r for _, r in results] == ['stale_camera'] * 6
+        assert controller.scheduler.chunk is None
+    finally:
+        controller.close()
+
+
+def test_controller_refuses_actions_outside_the_limits(runtime):
+    card = runtime.card
+    logged = []
+    controller = PolicyController(runtime, ['camera'], card['n_obs_steps'],
+                                  card['n_action_steps'], card['horizon'], 10.0,
+                                  max_obs_age_s=0.3, action_limits=[(-1e-4, 1e-4)] * 3,
+                                  log=lambda level, text: logged.append(text))
+    try:
+        results = _run(controller, card, 20)
+        assert all(a is None for a, _ in results)
+        # Each refused chunk is dropped and a new one asked for: refusals alternate with waits.
+        reasons = [r for _, r in results]
+        assert set(reasons) == {'no_chunk', 'out_of_limits'} and reasons.count('out_of_limits') >= 5
+        assert len(logged) == 1 and 'outside action_limits' in logged[0]
+    finally:
+        controller.close()
