@@ -140,19 +140,22 @@ def bench_finetune_cost(batch_size=32, steps=10, methods=('sft', 'rko')):
                           windows.action.reshape(-1, config.action.action_dim))
     out = {'bench': 'finetune-cost', 'batch_size': batch_size, 'preset': 'small',
            'torch_threads': torch.get_num_threads()}
-    for method in methods:
-        trainer = PreferenceTrainer(policy, data, FinetuneConfig(method=method, batch_size=batch_size),
-                                    behaviour=windows, progress=False)
-        samples = []
-        for i in range(steps + 2):
+    # Steps of the methods are interleaved (sft, rko, sft, rko, ...) so that load from other
+    # processes on a shared machine falls on every method alike; medians after 2 warm-up rounds.
+    trainers = {m: PreferenceTrainer(policy, data, FinetuneConfig(method=m, batch_size=batch_size),
+                                     behaviour=windows, progress=False) for m in methods}
+    samples = {m: [] for m in methods}
+    for i in range(steps + 2):
+        for method, trainer in trainers.items():
             start = time.perf_counter()
             loss, _ = trainer.loss()
             trainer.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             trainer.optimizer.step()
             if i >= 2:
-                samples.append((time.perf_counter() - start) * 1e3)
-        out[f'{method}_ms'] = round(statistics.median(samples), 2)
+                samples[method].append((time.perf_counter() - start) * 1e3)
+    for method in methods:
+        out[f'{method}_ms'] = round(statistics.median(samples[method]), 2)
     out['ratio'] = round(out['rko_ms'] / out['sft_ms'], 3)
     out['target_ratio'] = 1.6
     return out

@@ -73,6 +73,23 @@ def register(subparsers):
     _data_dir_arg(p)
     p.set_defaults(func=_export)
 
+    p = sub.add_parser('suggest', help='which episodes to label or compare next',
+                       description='The mixed query sampler (alignment/sampler.py): from the '
+                                   'implied rewards of the model version against its parent, '
+                                   'proposes unlabelled episodes to label (or pairs to compare) '
+                                   'where the feedback teaches the most; half of the mass is '
+                                   'uniform so every episode can be asked. A pretrained model '
+                                   '(no parent) gives uniform suggestions. Needs torch.')
+    p.add_argument('--n', type=int, default=5, help='how many suggestions (default %(default)s)')
+    p.add_argument('--kind', choices=('label', 'compare'), default='label',
+                   help='label single episodes or compare pairs (default %(default)s)')
+    p.add_argument('--version', default=None, help='model version (default: the active one)')
+    p.add_argument('--mix', type=float, default=0.5,
+                   help='uniform share of the sampler, 0..1 (default %(default)s)')
+    p.add_argument('--seed', type=int, default=0, help='random seed (default %(default)s)')
+    _data_dir_arg(p)
+    p.set_defaults(func=_suggest)
+
     p = sub.add_parser('repair', help='mark episodes of killed recorders incomplete, fix bags',
                        description='Episodes left "recording" by a dead recorder become '
                                    'incomplete and their bags are rebuilt so they open (like '
@@ -123,6 +140,29 @@ def _print(args, payload, table=None):
 
 def _label_text(value):
     return {True: 'good', False: 'bad', None: '-'}[value]
+
+
+def _suggest(args):
+    from rko_ros.alignment.sampler import suggest_from_store
+
+    if args.n < 1:
+        raise EpisodeError(f'--n {args.n}: ask for at least one suggestion')
+    if not 0.0 <= args.mix <= 1.0:
+        raise EpisodeError(f'--mix {args.mix}: must lie in [0, 1]')
+    got = suggest_from_store(args.data_dir, n=args.n, kind=args.kind, version=args.version,
+                             mix=args.mix, seed=args.seed)
+    if args.kind == 'label':
+        lines = [f'{"episode":<10} {"implied g":>10} {"p":>7}  command']
+        lines += [f'{d["episode_id"]:<10} {d["g"]:>10.4f} {d["p"]:>7.3f}  '
+                  f'rko episodes label {d["episode_id"]} good|bad' for d in got]
+    else:
+        lines = [f'{"a":<10} {"b":<10} {"g_a":>9} {"g_b":>9} {"p":>7}  command']
+        lines += [f'{d["a"]:<10} {d["b"]:<10} {d["g_a"]:>9.4f} {d["g_b"]:>9.4f} {d["p"]:>7.3f}  '
+                  f'rko episodes prefer {d["a"]} {d["b"]}  (or {d["b"]} {d["a"]})' for d in got]
+    if not got:
+        lines.append('(nothing left to ask)')
+    _print(args, got, '\n'.join(lines))
+    return 0
 
 
 def _list(args):
