@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rko-installed
 REQS := requirements/runtime.txt requirements/training.txt requirements/test.txt requirements/ros-pypi.txt
 PYTEST_ARGS ?=
+# Each demo run gets its own folder, so `make demo` can be run again without clearing anything.
+DEMO_ARGS ?= --out demo_out/run-$(shell date +%Y%m%d-%H%M%S)
 
 # With a sourced ROS 2 install (ROS_DISTRO set) the venv sees the system rclpy and skips the PyPI wheels.
 ifdef ROS_DISTRO

@@ -128,3 +128,23 @@ finetune(ModelStore({store.data_dir!r}), {parent!r}, data, FinetuneConfig(method
     proc.wait(30)
     assert store.versions() == before
     assert store.active_version() == parent
+
+
+@pytest.mark.parametrize('method', ['rko', 'dpo'])
+def test_sft_anchor_adds_the_desirable_bc_error_and_is_off_by_default(pretrained, method):
+    from rko_ros.alignment.trainer import PreferenceTrainer
+    store, parent, data, windows = pretrained
+    policy = store.load_policy(parent)
+
+    def loss_with(lambda_sft):
+        trainer = PreferenceTrainer(policy, data, FinetuneConfig(method=method, batch_size=8,
+                                                                  lambda_sft=lambda_sft, seed=3),
+                                    behaviour=windows, progress=False)
+        torch.manual_seed(11)
+        return trainer.loss()
+
+    plain, plain_metrics = loss_with(0.0)
+    anchored, metrics = loss_with(2.5)
+    assert 'sft_anchor' not in plain_metrics and metrics['sft_anchor'] > 0
+    # Same batch, t and eps (seeded): the difference is exactly 2.5 x the per-dimension BC error.
+    assert float(anchored - plain) == pytest.approx(2.5 * metrics['sft_anchor'], rel=1e-4)

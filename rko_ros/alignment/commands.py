@@ -31,6 +31,12 @@ def register(subparsers):
                    help='kto/rko value function (default sigmoid)')
     p.add_argument('--reduction', default='sum', choices=['sum', 'mean'],
                    help='denoising error over the chunk: sum (default) or mean')
+    p.add_argument('--lambda-sft', type=float, default=0.0,
+                   help='BC anchor: + this x the denoising error of the desirable windows (pair '
+                        'winners), which keeps execution from drifting while the preference term '
+                        'moves the mode; 0 (default) = the method as published')
+    p.add_argument('--lambda-fkl', type=float, default=1.0,
+                   help='fkpd: weight of the forward-KL (BC) term on the pretraining data')
     p.add_argument('--eval-every', type=int, default=25, help='held-out evaluation period')
     p.add_argument('--patience', type=int, default=6, help='evaluations without gain before stopping')
     p.add_argument('--seed', type=int, default=0)
@@ -89,7 +95,8 @@ def _finetune(args):
     cfg = FinetuneConfig(method=args.method, steps=args.steps, batch_size=args.batch_size,
                          lr=args.lr, beta=args.beta, tau=args.tau, utility=args.utility,
                          reduction=args.reduction, eval_every=args.eval_every,
-                         patience=args.patience, seed=args.seed)
+                         patience=args.patience, seed=args.seed, lambda_sft=args.lambda_sft,
+                         lambda_fkl=args.lambda_fkl)
     labelled = load_labelled(args.data_dir, spec, progress=not args.no_progress)
     data = LabelledWindows.from_dataset(labelled.windows)
     behaviour = None

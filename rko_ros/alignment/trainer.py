@@ -49,6 +49,9 @@ class FinetuneConfig:
     utility: str = 'sigmoid'
     reduction: str = 'sum'
     lambda_fkl: float = 1.0
+    # [choice, not in the papers' losses] Optional BC anchor: + lambda_sft * mean denoising error
+    # (per dimension) of the desirable windows / pair winners. 0 = the methods exactly as written.
+    lambda_sft: float = 0.0
     holdout_fraction: float = 0.2
     eval_every: int = 25
     patience: int = 6                # evaluations without a better held-out margin before stopping
@@ -222,15 +225,16 @@ class PreferenceTrainer:
             g = e_ref - e_theta
             g_w, g_l = g[:m], g[m:]
             if cfg.method == 'dpo':
-                return losses.dpo_loss(g_w, g_l, cfg.beta)
+                return self._anchored(losses.dpo_loss(g_w, g_l, cfg.beta), e_theta[:m])
             if cfg.method == 'rpo':
                 W = similarity_matrix(z[:m], z[m:], cfg.tau)
-                return losses.rpo_loss(g_w, g_l, W, cfg.beta)
+                return self._anchored(losses.rpo_loss(g_w, g_l, W, cfg.beta), e_theta[:m])
             b_idx = self.rng.integers(0, len(self.behaviour), size=m)
             b_batch = collate(self.behaviour, b_idx, self.device)
             tb, eb = self.policy.sample_timesteps_and_noise(m, device=self.device)
             e_behaviour = self.policy.denoise_error(b_batch, tb, eb, 'mean')
-            return losses.fkpd_loss(g_w, g_l, e_behaviour, cfg.beta, cfg.lambda_fkl)
+            return self._anchored(losses.fkpd_loss(g_w, g_l, e_behaviour, cfg.beta, cfg.lambda_fkl),
+                                  e_theta[:m])
         idx, q = self._balanced(n)
         batch = self._batch(idx)
         t, eps = self.policy.sample_timesteps_and_noise(len(idx), device=self.device)
@@ -240,9 +244,22 @@ class PreferenceTrainer:
         q_t = torch.as_tensor(q, device=self.device)
         g = e_ref - e_theta
         if cfg.method == 'kto':
-            return losses.kto_loss(g, q_t, cfg.beta, cfg.lambda_d, cfg.lambda_u, cfg.utility)
-        weights = rko_weights(z, q_t, cfg.tau)
-        return losses.rko_loss(g, q_t, weights, cfg.beta, cfg.lambda_d, cfg.lambda_u, cfg.utility)
+            out = losses.kto_loss(g, q_t, cfg.beta, cfg.lambda_d, cfg.lambda_u, cfg.utility)
+        else:
+            weights = rko_weights(z, q_t, cfg.tau)
+            out = losses.rko_loss(g, q_t, weights, cfg.beta, cfg.lambda_d, cfg.lambda_u, cfg.utility)
+        return self._anchored(out, e_theta[q_t > 0])
+
+    def _anchored(self, loss_and_metrics, e_theta_desirable):
+        """The method's loss + lambda_sft * BC error (per dimension) of the desirable samples."""
+        loss, metrics = loss_and_metrics
+        if not self.cfg.lambda_sft or len(e_theta_desirable) == 0:
+            return loss, metrics
+        per_dim = e_theta_desirable.mean()
+        if self.cfg.reduction == 'sum':
+            per_dim = per_dim / (self.policy.config.action.horizon * self.policy.config.action.action_dim)
+        metrics = dict(metrics, sft_anchor=float(per_dim.detach()))
+        return loss + self.cfg.lambda_sft * per_dim, metrics
 
     # --- model selection -----------------------------------------------------------------
     @torch.no_grad()

@@ -68,7 +68,8 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
                        'desirable': int(sum(labels[:n]))}
                 try:
                     fc = FinetuneConfig(method=method, steps=cfg.finetune_steps,
-                                        batch_size=max(4, cfg.batch_size // 2), seed=cfg.seed + s)
+                                        batch_size=max(4, cfg.batch_size // 2), seed=cfg.seed + s,
+                                        lambda_sft=cfg.lambda_sft)
                     version, summary = finetune(store, parent, data, fc, behaviour=behaviour,
                                                 progress=False)
                     row.update(evaluate_version(cfg, store.version_dir(version), eval_episodes, seed=s))
@@ -95,7 +96,8 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
                      table['rko'][top]['preferred_success_mean'] > table[m][top]['preferred_success_mean']]
     result = {'bench': 'alignment', 'preferred_style': cfg.preferred_style, 'methods': list(methods),
               'labels': label_counts, 'seeds': seeds, 'eval_episodes': eval_episodes,
-              'finetune_steps': cfg.finetune_steps, 'pretrained_version': parent,
+              'finetune_steps': cfg.finetune_steps, 'lambda_sft': cfg.lambda_sft,
+              'pretrained_version': parent,
               'pretrained': pretrained, 'table': table, 'rko_ahead_of': rko_ahead, 'runs': runs}
     result['plot'] = _plot(result, os.path.join(cfg.data_dir, 'alignment_bench.png'))
     return result

@@ -28,6 +28,8 @@ def register(subparsers):
     p.add_argument('--label-episodes', type=int, help='episodes the operator labels (before)')
     p.add_argument('--eval-episodes', type=int, help='episodes run after the hot swap')
     p.add_argument('--finetune-steps', type=int, help='fine-tuning steps')
+    p.add_argument('--lambda-sft', type=float,
+                   help='BC anchor weight during fine-tuning (default 1.0; 0 = the loss as published)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--keep', action='store_true', help='reuse demonstrations/pretrained model in --out')
     p.add_argument('--json', action='store_true', help='print the summary as one JSON line at the end')
@@ -53,6 +55,8 @@ def register_bench(bench_subparsers):
     p.add_argument('--pretrain-steps', type=int, default=3000)
     p.add_argument('--demos-per-style', type=int, default=20)
     p.add_argument('--preferred-style', default='left_to_right')
+    p.add_argument('--lambda-sft', type=float, default=0.0,
+                   help='BC anchor weight for every method (default 0: the losses as published)')
     p.add_argument('--quick', action='store_true', help='tiny sizes for tests')
     p.add_argument('--json', action='store_true')
     p.set_defaults(func=_bench_alignment)
@@ -66,7 +70,8 @@ def _config(args):
         'demos_per_style': args.demos_per_style, 'pretrain_steps': args.pretrain_steps,
         'label_episodes': getattr(args, 'label_episodes', None),
         'eval_episodes': getattr(args, 'eval_episodes', None),
-        'finetune_steps': args.finetune_steps}.items() if v is not None}
+        'finetune_steps': args.finetune_steps,
+        'lambda_sft': getattr(args, 'lambda_sft', None)}.items() if v is not None}
     from rko_ros.sim.styles import STYLES
     if args.preferred_style not in STYLES:
         raise RkoError(f"--preferred-style '{args.preferred_style}' is not a style; choose one of "

@@ -31,7 +31,7 @@ def write_demo_params(path, cfg, base_config):
     trainer = params.setdefault('/**/trainer_node', {}).setdefault('ros__parameters', {})
     trainer.update({'method': cfg.method, 'steps': int(cfg.finetune_steps), 'auto_reload': True,
                     'extra_args': ['--batch-size', str(cfg.batch_size // 2), '--no-progress',
-                                   '--seed', str(cfg.seed)]})
+                                   '--seed', str(cfg.seed), '--lambda-sft', repr(cfg.lambda_sft)]})
     with open(path, 'w') as f:
         yaml.safe_dump(params, f, sort_keys=False)
     return path

@@ -29,6 +29,7 @@ class DemoConfig:
     eval_episodes: int = 20
     method: str = 'rko'
     finetune_steps: int = 300
+    lambda_sft: float = 1.0      # BC anchor on the desirable windows (see FinetuneConfig)
     seed: int = 0
 
     @classmethod
