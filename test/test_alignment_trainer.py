@@ -131,15 +131,15 @@ finetune(ModelStore({store.data_dir!r}), {parent!r}, data, FinetuneConfig(method
 
 
 @pytest.mark.parametrize('method', ['rko', 'dpo'])
-def test_sft_anchor_adds_the_desirable_bc_error_and_is_off_by_default(pretrained, method):
+def test_anchors_add_their_bc_errors_and_are_off_by_default(pretrained, method):
     from rko_ros.alignment.trainer import PreferenceTrainer
     store, parent, data, windows = pretrained
     policy = store.load_policy(parent)
 
-    def loss_with(lambda_sft):
-        trainer = PreferenceTrainer(policy, data, FinetuneConfig(method=method, batch_size=8,
-                                                                  lambda_sft=lambda_sft, seed=3),
-                                    behaviour=windows, progress=False)
+    def loss_with(lambda_sft, lambda_behaviour=0.0):
+        cfg = FinetuneConfig(method=method, batch_size=8, lambda_sft=lambda_sft,
+                             lambda_behaviour=lambda_behaviour, seed=3)
+        trainer = PreferenceTrainer(policy, data, cfg, behaviour=windows, progress=False)
         torch.manual_seed(11)
         return trainer.loss()
 
@@ -147,4 +147,42 @@ def test_sft_anchor_adds_the_desirable_bc_error_and_is_off_by_default(pretrained
     anchored, metrics = loss_with(2.5)
     assert 'sft_anchor' not in plain_metrics and metrics['sft_anchor'] > 0
     # Same batch, t and eps (seeded): the difference is exactly 2.5 x the per-dimension BC error.
-    assert float(anchored - plain) == pytest.approx(2.5 * metrics['sft_anchor'], rel=1e-4)
+    assert float((anchored - plain).detach()) == pytest.approx(2.5 * metrics['sft_anchor'], rel=1e-4)
+    # The behaviour (demonstration) anchor: + 0.5 x their BC error, drawn after the method's batch.
+    behaviour, b_metrics = loss_with(0.0, lambda_behaviour=0.5)
+    assert 'behaviour_anchor' not in plain_metrics and b_metrics['behaviour_anchor'] > 0
+    assert float(behaviour - plain) == pytest.approx(0.5 * b_metrics['behaviour_anchor'], rel=1e-4)
+    with pytest.raises(TrainingError, match='behaviour'):
+        PreferenceTrainer(policy, data, FinetuneConfig(method=method, lambda_behaviour=1.0),
+                          behaviour=None, progress=False)
+
+
+def test_ema_is_what_gets_selected_and_kept(pretrained):
+    from rko_ros.alignment.trainer import PreferenceTrainer
+    store, parent, data, _ = pretrained
+    cfg = FinetuneConfig(method='rko', steps=4, batch_size=8, eval_every=1, patience=100,
+                         ema_decay=0.5, seed=5)
+    trainer = PreferenceTrainer(store.load_policy(parent), data, cfg, progress=False)
+    names = [n for n, _ in trainer.policy.named_parameters()]
+    ema = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+    averages, raw, margins = {}, {}, {}
+
+    def on_step(step, row):
+        decay = min(0.5, (1.0 + step) / (10.0 + step))
+        for n, p in trainer.policy.named_parameters():
+            ema[n] = decay * ema[n] + (1 - decay) * p.detach()
+        averages[step] = {n: v.clone() for n, v in ema.items()}
+        raw[step] = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+        margins[step] = row['holdout_margin']
+    summary = trainer.run(on_step=on_step)
+    best = max(margins, key=margins.get)
+    assert summary['best_step'] == best
+    final = dict(trainer.policy.named_parameters())
+    # The kept weights are the hand-computed average at the best evaluation, not the raw weights.
+    for n in names:
+        torch.testing.assert_close(final[n].detach(), averages[best][n], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(averages[best][n], raw[best][n]) for n in names)
+    with pytest.raises(TrainingError, match='ema_decay=1.0 must be in'):
+        FinetuneConfig(method='rko', ema_decay=1.0)
+    with pytest.raises(TrainingError, match='lambda_sft=-1 must be >= 0'):
+        FinetuneConfig(method='rko', lambda_sft=-1)

@@ -117,9 +117,11 @@ def test_controller_never_runs_dry_with_a_real_model(runtime):
         assert all(a is not None and a.shape == (3,) and np.isfinite(a).all() for a in acted)
         status = controller.status()
         assert status['acted'] == 59 and status['missed'] == 0
-        # ~60 ticks / (8 - 2 per chunk) chunks, each skipping the one tick of its latency.
-        assert 7 <= len(controller.stats.inference_ms) <= 12
-        assert status['skipped_actions'] == len(controller.stats.inference_ms)
+        # ~60 ticks / (8 - 2 per chunk) chunks, each skipping the tick(s) of its latency: one on
+        # a quiet machine, sometimes two when another process delays the worker thread.
+        chunks = len(controller.stats.inference_ms)
+        assert 7 <= chunks <= 12
+        assert chunks <= status['skipped_actions'] <= 2 * chunks
         # Inputs stop: refused after max_obs_age_s, and the stale plan is dropped.
         results = _run(controller, card, 6, start_s=6.5, feed=False)
         assert [r for _, r in results] == ['stale_camera'] * 6

@@ -137,13 +137,20 @@ def test_episodes_recorded_labelled_preferred_undone(system):
         entry = catalog.get(episodes[1])
         assert entry['complete'] and entry['model_version'] == system['versions'][1]
         bag = catalog.bag_path(episodes[1])
-    counts = {}
-    for topic, _msgtype, _t, _raw in read_messages(bag):
+    counts, stamps = {}, []
+    for topic, _msgtype, t_ns, _raw in read_messages(bag):
         counts[topic] = counts.get(topic, 0) + 1
-    # 1.5 s of a 10 Hz loop and a 20 Hz camera; recording starts with the service call.
-    assert counts[f'/{NS}/action'] >= 10
-    assert counts[f'/{NS}/camera/image_raw'] >= 20
-    assert counts[f'/{NS}/joint_states'] >= 30
+        stamps.append(t_ns)
+    # About 1.5 s of a 10 Hz loop; recording starts with the service call. The sim steps once per
+    # action and publishes that step's frame and joint state with it, so every executed action has
+    # its observation in the bag (timers add more when the machine keeps up; on a loaded CI machine
+    # they may not, so only the per-step messages are counted on).
+    span_s = (max(stamps) - min(stamps)) * 1e-9
+    assert span_s >= 1.0
+    actions = counts[f'/{NS}/action']
+    assert actions >= 0.6 * span_s * RATE_HZ
+    assert counts[f'/{NS}/camera/image_raw'] >= 0.9 * actions
+    assert counts[f'/{NS}/joint_states'] >= 0.9 * actions
     assert counts.get(f'/{NS}/policy/status', 0) >= 5
 
 

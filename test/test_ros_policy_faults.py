@@ -115,7 +115,10 @@ def test_wrong_encoding_or_size_gives_no_action_and_one_log_line(policy, mode, w
     switched = time.monotonic()
     time.sleep(1.0)
     late = [t - switched for t, _ in _actions_since(policy, switched)]
-    assert not late or max(late) <= 2 / RATE_HZ, late
+    # Refused from the first bad frame the node processes (two ticks when the machine is idle); a
+    # node starved of CPU that has not processed one yet is still held by the staleness bound.
+    assert not late or max(late) <= MAX_OBS_AGE_S + 2 / RATE_HZ, late
+    assert not _actions_since(policy, switched + MAX_OBS_AGE_S + 0.3)
     status = _status(policy, time.monotonic())
     assert int(status['refused_bad_input']) >= 5
     assert words in status['last_refusal']
@@ -131,8 +134,11 @@ def test_nan_model_output_never_reaches_the_robot_and_rollback_recovers(policy):
     swapped = time.monotonic()
     time.sleep(1.5)
     # The chunk in hand finishes (at most one chunk of 8), then nothing: NaN is refused.
-    assert len(_actions_since(policy, swapped)) <= 8
-    assert not _actions_since(policy, swapped + 1.0)
+    quiet = time.monotonic()
+    time.sleep(1.0)
+    after_swap = _actions_since(policy, swapped)
+    assert len(after_swap) <= 8 and all(np.all(np.isfinite(m.data)) for _, m in after_swap)
+    assert not _actions_since(policy, quiet)
     status = _status(policy, time.monotonic())
     assert status['model_version'] == broken and int(status['refused_nan_output']) >= 1
     assert 'NaN' in policy['proc'].output()

@@ -141,6 +141,29 @@ def test_float64_multi_array_actions_grasp_and_lift(context):
         probe.close()
 
 
+def test_step_on_action_gives_the_offline_observe_act_timing(context):
+    """Each action advances exactly one tick, and its joint state and frame go out at once: the
+    state after action k is the offline task's, as in the demonstrations (step_on_action)."""
+    probe = Probe(context, {'control_rate_hz': 1.0, 'camera_rate_hz': 1.0,
+                            'joint_state_rate_hz': 1.0})
+    try:
+        assert probe.spin_until(lambda: probe.images and probe.joints)
+        for k in range(3):
+            tick0 = probe.sim.task.tick
+            n_joints, n_images = len(probe.joints), len(probe.images)
+            probe.send(_trajectory(['gripper_x', 'gripper_y', 'gripper_closed'],
+                                   [0.0, -0.2 + 0.01 * k, 0.0]))
+            # Well inside the 1 s timer period: the step and both messages came with the action.
+            assert probe.spin_until(lambda: probe.sim.actions_received == k + 1 and
+                                    len(probe.joints) > n_joints and
+                                    len(probe.images) > n_images, 0.3)
+            assert probe.sim.task.tick == tick0 + 1
+            assert np.allclose(probe.joints[-1].position, probe.sim.task.state(), atol=1e-6)
+        assert probe.joints[-1].position[1] > -0.24 + 1e-4   # moving toward the targets
+    finally:
+        probe.close()
+
+
 @pytest.mark.parametrize('name, value, expected', [
     ('action_type', 'bogus', 'action_type'),
     ('control_rate_hz', 1000.0, 'control_rate_hz'),

@@ -35,6 +35,12 @@ def register(subparsers):
                    help='BC anchor: + this x the denoising error of the desirable windows (pair '
                         'winners), which keeps execution from drifting while the preference term '
                         'moves the mode; 0 (default) = the method as published')
+    p.add_argument('--lambda-behaviour', type=float, default=0.0,
+                   help='any method: + this x the denoising error of the pretraining '
+                        'demonstrations (the root version\'s episodes); 0 (default) = off')
+    p.add_argument('--ema-decay', type=float, default=0.0,
+                   help='keep an EMA of the weights and select/export it (e.g. 0.99); 0 '
+                        '(default) = the raw weights')
     p.add_argument('--lambda-fkl', type=float, default=1.0,
                    help='fkpd: weight of the forward-KL (BC) term on the pretraining data')
     p.add_argument('--eval-every', type=int, default=25, help='held-out evaluation period')
@@ -96,11 +102,12 @@ def _finetune(args):
                          lr=args.lr, beta=args.beta, tau=args.tau, utility=args.utility,
                          reduction=args.reduction, eval_every=args.eval_every,
                          patience=args.patience, seed=args.seed, lambda_sft=args.lambda_sft,
-                         lambda_fkl=args.lambda_fkl)
+                         lambda_fkl=args.lambda_fkl, lambda_behaviour=args.lambda_behaviour,
+                         ema_decay=args.ema_decay)
     labelled = load_labelled(args.data_dir, spec, progress=not args.no_progress)
     data = LabelledWindows.from_dataset(labelled.windows)
     behaviour = None
-    if args.method == 'fkpd':
+    if args.method == 'fkpd' or args.lambda_behaviour:
         episodes = behaviour_episodes(store, parent)
         behaviour = load_windows(args.data_dir, episodes, spec, progress=False) if episodes else None
     with Catalog(args.data_dir) as catalog:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from rko_ros.alignment import losses
 from rko_ros.alignment.weights import rko_weights, similarity_matrix
 from rko_ros.errors import TrainingError
-from rko_ros.policy.train import collate
+from rko_ros.policy.train import collate, ema_update
 
 PAIR_METHODS = ('dpo', 'rpo', 'fkpd')
 
@@ -52,6 +52,12 @@ class FinetuneConfig:
     # [choice, not in the papers' losses] Optional BC anchor: + lambda_sft * mean denoising error
     # (per dimension) of the desirable windows / pair winners. 0 = the methods exactly as written.
     lambda_sft: float = 0.0
+    # [choice] Optional anchor on the behaviour (pretraining demonstration) windows, as FKPD's
+    # forward-KL term, for any method: + lambda_behaviour * their mean BC error. Needs `behaviour`.
+    lambda_behaviour: float = 0.0
+    # EMA of the weights (as in pretraining): the averaged copy is the one evaluated on the
+    # held-out windows, kept and exported. 0 = the raw weights.
+    ema_decay: float = 0.0
     holdout_fraction: float = 0.2
     eval_every: int = 25
     patience: int = 6                # evaluations without a better held-out margin before stopping
@@ -65,6 +71,11 @@ class FinetuneConfig:
             self.beta = losses.DEFAULT_BETA[self.method]
         if self.reduction not in ('sum', 'mean'):
             raise TrainingError(f"reduction '{self.reduction}' must be 'sum' or 'mean'")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise TrainingError(f'ema_decay={self.ema_decay} must be in [0, 1) (0 = off)')
+        for name in ('lambda_sft', 'lambda_behaviour', 'lambda_fkl'):
+            if getattr(self, name) < 0:
+                raise TrainingError(f'{name}={getattr(self, name)} must be >= 0')
         if self.steps < 1 or self.batch_size < 2:
             raise TrainingError(f'steps={self.steps} must be >= 1 and batch_size={self.batch_size} >= 2')
 
@@ -128,9 +139,11 @@ class PreferenceTrainer:
         self.device = device
         self.progress = progress
         check_labels(data, cfg.method, cfg.batch_size)
-        if cfg.method == 'fkpd' and (behaviour is None or len(behaviour) == 0):
-            raise TrainingError('fkpd needs the behaviour (pretraining) windows for its forward-KL '
-                                'term; none were found for the parent version')
+        if (cfg.method == 'fkpd' or cfg.lambda_behaviour) and \
+                (behaviour is None or len(behaviour) == 0):
+            raise TrainingError(f'{"fkpd" if cfg.method == "fkpd" else "lambda_behaviour"} needs the '
+                                'behaviour (pretraining) windows for its forward-KL term; none '
+                                'were found for the parent version')
         self.data = data
         self.behaviour = behaviour
         self.rng = np.random.default_rng(cfg.seed)
@@ -156,6 +169,7 @@ class PreferenceTrainer:
                 dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
             self.model = torch.nn.parallel.DistributedDataParallel(self.policy)
             self.rng = np.random.default_rng(cfg.seed + self.rank)
+        self.ema = copy.deepcopy(self.policy).eval() if cfg.ema_decay > 0 else None
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)
         self.history = []
@@ -253,6 +267,13 @@ class PreferenceTrainer:
     def _anchored(self, loss_and_metrics, e_theta_desirable):
         """The method's loss + lambda_sft * BC error (per dimension) of the desirable samples."""
         loss, metrics = loss_and_metrics
+        if self.cfg.lambda_behaviour:
+            b_idx = self.rng.integers(0, len(self.behaviour), size=max(2, len(e_theta_desirable)))
+            b_batch = collate(self.behaviour, b_idx, self.device)
+            tb, eb = self.policy.sample_timesteps_and_noise(len(b_idx), device=self.device)
+            e_b = self.policy.denoise_error(b_batch, tb, eb, 'mean').mean()
+            metrics = dict(metrics, behaviour_anchor=float(e_b.detach()))
+            loss = loss + self.cfg.lambda_behaviour * e_b
         if not self.cfg.lambda_sft or len(e_theta_desirable) == 0:
             return loss, metrics
         per_dim = e_theta_desirable.mean()
@@ -263,8 +284,9 @@ class PreferenceTrainer:
 
     # --- model selection -----------------------------------------------------------------
     @torch.no_grad()
-    def holdout_margin(self, max_windows=256):
+    def holdout_margin(self, max_windows=256, model=None):
         """Mean implied reward (beta g) of held-out desirable minus undesirable windows, fixed noise."""
+        model = model or self.policy
         idx = self.holdout_idx
         if len(idx) == 0:  # too few episodes to hold any out: fall back on the training windows
             idx = np.concatenate([self.pos, self.neg])
@@ -277,15 +299,16 @@ class PreferenceTrainer:
         generator = torch.Generator(device='cpu').manual_seed(4321)
         t, eps = self.policy.sample_timesteps_and_noise(len(idx), generator=generator, device='cpu')
         t, eps = t.to(self.device), eps.to(self.device)
-        self.policy.eval()
+        was_training = model.training
+        model.eval()
         g = []
         for start in range(0, len(idx), 64):
             sl = slice(start, start + 64)
             batch = self._batch(idx[sl])
-            e_theta = self.policy.denoise_error(batch, t[sl], eps[sl], self.cfg.reduction)
+            e_theta = model.denoise_error(batch, t[sl], eps[sl], self.cfg.reduction)
             e_ref = self.reference.denoise_error(batch, t[sl], eps[sl], self.cfg.reduction)
             g.append(e_ref - e_theta)
-        self.policy.train()
+        model.train(was_training)
         r = self.cfg.beta * torch.cat(g).cpu().numpy() if self.cfg.beta else torch.cat(g).cpu().numpy()
         pos, neg = r[label > 0], r[label < 0]
         if len(pos) == 0 or len(neg) == 0:
@@ -312,13 +335,16 @@ class PreferenceTrainer:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
             self.optimizer.step()
+            if self.ema is not None:
+                ema_update(self.ema, self.policy, min(cfg.ema_decay, (1.0 + step) / (10.0 + step)))
+            kept = self.ema if self.ema is not None else self.policy
             row = {'step': step, 'time_s': round(time.perf_counter() - start, 3), **metrics}
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                margin = self.holdout_margin()
+                margin = self.holdout_margin(model=kept)
                 row['holdout_margin'] = margin
                 if margin > best_margin:
                     best_margin, best_step, evals_without_gain = margin, step, 0
-                    best_state = copy.deepcopy(self.policy.state_dict())
+                    best_state = copy.deepcopy(kept.state_dict())
                 else:
                     evals_without_gain += 1
             self.history.append(row)
@@ -333,6 +359,8 @@ class PreferenceTrainer:
             bar.close()
         if best_state is not None:
             self.policy.load_state_dict(best_state)
+        elif self.ema is not None:
+            self.policy.load_state_dict(self.ema.state_dict())
         self.policy.eval()
         return {'best_step': best_step, 'best_holdout_margin': best_margin, 'steps_run': len(self.history),
                 'holdout_episodes': [self.data.episode_ids[i] for i in self.holdout_episodes],

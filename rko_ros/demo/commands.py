@@ -44,21 +44,26 @@ def register_bench(bench_subparsers):
                     'quality after fine-tuning, and a sweep over the number of labelled episodes. '
                     'Evaluation rollouts are batched through ONNX Runtime offline (no ROS) so the '
                     'sweep fits on a CPU. Prints a table and one JSON line; writes a PNG.')
-    p.add_argument('--out', default='bench_alignment_out')
+    p.add_argument('--out', default='bench_alignment_out',
+                   help='data + plot folder; a pretrained model already there is reused (default %(default)s)')
     p.add_argument('--methods', nargs='+', default=['sft', 'dpo', 'kto', 'rko'],
                    choices=['sft', 'dpo', 'rpo', 'kto', 'rko', 'fkpd'])
     p.add_argument('--labels', nargs='+', type=int, default=[10, 20],
                    help='numbers of labelled episodes to sweep (default 10 20)')
     p.add_argument('--seeds', type=int, default=2, help='fine-tuning seeds per setting (default 2)')
-    p.add_argument('--eval-episodes', type=int, default=30)
-    p.add_argument('--finetune-steps', type=int, default=200)
-    p.add_argument('--pretrain-steps', type=int, default=3000)
-    p.add_argument('--demos-per-style', type=int, default=20)
-    p.add_argument('--preferred-style', default='left_to_right')
+    p.add_argument('--eval-episodes', type=int, default=30,
+                   help='evaluation rollouts per fine-tuned version (default %(default)s)')
+    p.add_argument('--finetune-steps', type=int, default=300,
+                   help='fine-tuning steps per run, as in the demo (default %(default)s)')
+    p.add_argument('--pretrain-steps', type=int, default=3000, help='BC steps (default %(default)s)')
+    p.add_argument('--demos-per-style', type=int, default=20,
+                   help='scripted demonstrations per style (default %(default)s)')
+    p.add_argument('--preferred-style', default='left_to_right',
+                   help='the simulated operator\'s style (default %(default)s)')
     p.add_argument('--lambda-sft', type=float, default=0.0,
                    help='BC anchor weight for every method (default 0: the losses as published)')
     p.add_argument('--quick', action='store_true', help='tiny sizes for tests')
-    p.add_argument('--json', action='store_true')
+    p.add_argument('--json', action='store_true', help='print the result as one JSON line')
     p.set_defaults(func=_bench_alignment)
 
 

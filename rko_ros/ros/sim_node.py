@@ -9,7 +9,9 @@ with the fold's style, quality and success). A thin shell over `rko_ros.sim.task
 """
 import array
 import json
+import math
 import sys
+import time
 
 import numpy as np
 import rclpy
@@ -60,6 +62,13 @@ PARAMETERS = {
     'episode_ticks': _int('control ticks in one episode (reported by sim/evaluate)',
                           50, 1, 100000),
     'seed': _int('seed of the first episode; each sim/reset uses the next one', 0, 0, 2 ** 31 - 1),
+    'step_on_action': (True, ParameterDescriptor(
+        description='advance one tick as soon as an action arrives and publish the camera and '
+                    'joint state right after it (the observe -> act timing of the offline task '
+                    'the demonstrations were recorded with); the control timer then only '
+                    'advances the sim when no action came for a period. false: the control '
+                    'timer alone advances the sim (a controller with its own clock, adding up '
+                    'to a tick of latency)', read_only=True)),
     'quality_threshold': _float('fold quality at or above which a fold succeeds', 0.7, 0.0, 1.0),
 }
 
@@ -99,8 +108,9 @@ class SimNode(Node):
         self.reset_srv = self.create_service(Trigger, 'sim/reset', self._on_reset)
         self.evaluate_srv = self.create_service(Trigger, 'sim/evaluate', self._on_evaluate)
         self.actions_received = 0
+        self._last_action_step = -math.inf
         self.control_timer = self.create_timer(1.0 / p['control_rate_hz'], self._on_control_tick)
-        self.camera_timer = self.create_timer(1.0 / p['camera_rate_hz'], self._publish_image)
+        self.camera_timer = self.create_timer(1.0 / p['camera_rate_hz'], self._on_camera_tick)
         self.joint_timer = self.create_timer(1.0 / p['joint_state_rate_hz'], self._publish_joints)
         self.get_logger().info(
             f'cloth sim: {p["image_width_px"]}x{p["image_height_px"]} rgb8 on '
@@ -175,13 +185,27 @@ class SimNode(Node):
             return
         self.target = target
         self.actions_received += 1
+        if self.params['step_on_action']:
+            self.task.step(self.target)
+            self._last_action_step = time.monotonic()
+            self._publish_image()
+            self._publish_joints()
 
     def _reject(self, what):
         self.get_logger().warning(f'ignored action on {self.params["action_topic"]!r}: {what}; '
                                'holding the last target', throttle_duration_sec=2.0)
 
     def _on_control_tick(self):
+        if self.params['step_on_action'] and \
+                time.monotonic() - self._last_action_step < 1.0 / self.params['control_rate_hz']:
+            return  # the action stream is stepping the sim
         self.task.step(self.target)
+
+    def _on_camera_tick(self):
+        if self.params['step_on_action'] and \
+                time.monotonic() - self._last_action_step < 1.0 / self.params['camera_rate_hz']:
+            return  # a frame went out with the last step
+        self._publish_image()
 
     def _publish_image(self):
         self.image_pub.publish(image_message(self.task.render(), self.get_clock().now().to_msg(),
