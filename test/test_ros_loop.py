@@ -17,6 +17,7 @@ from ros_testing import Client, NodeProcess, add_version, status_values
 
 NS = 'rko_test'
 RATE_HZ = 10.0
+MAX_GAP_S = 4.0 / RATE_HZ
 
 
 @pytest.fixture(scope='module')
@@ -176,8 +177,9 @@ def test_rollback_and_reload_swap_without_a_gap(system):
     assert reload.success and reload.message == f'reload: now running {second} (was {first})'
     time.sleep(0.5)
     gap_s, count = _max_gap_s(system, start)
-    # A swap loads beside the running model: never more than a tick of scheduling noise.
-    assert count >= 10 and gap_s < 2.5 / RATE_HZ, f'actions paused {gap_s:.3f} s during the swaps'
+    # A swap loads beside the running model: the ticks go on. Up to three ticks of scheduling
+    # noise are allowed: `rko up` runs four nodes in one process and CI has two cores.
+    assert count >= 10 and gap_s < MAX_GAP_S, f'actions paused {gap_s:.3f} s during the swaps'
     with open(os.path.join(system['data_dir'], 'models', 'active')) as f:
         assert f.read().strip() == second
 
@@ -196,7 +198,7 @@ def test_garbage_model_file_keeps_the_old_model_running(system):
         assert 'sha256' in reload.message
         time.sleep(1.0)
         gap_s, count = _max_gap_s(system, start)
-        assert count >= 8 and gap_s < 2.5 / RATE_HZ, f'actions paused {gap_s:.3f} s'
+        assert count >= 8 and gap_s < MAX_GAP_S, f'actions paused {gap_s:.3f} s'
         assert _latest_status(system, time.monotonic())['model_version'] == second
     finally:
         with open(onnx, 'wb') as f:
