@@ -110,18 +110,23 @@ def _finetune(args):
     if args.method == 'fkpd' or args.lambda_behaviour:
         episodes = behaviour_episodes(store, parent)
         behaviour = load_windows(args.data_dir, episodes, spec, progress=False) if episodes else None
-    with Catalog(args.data_dir) as catalog:
-        run_id = catalog.start_run(args.method, parent_version=parent,
-                                   episodes=list(labelled.windows.episode_ids),
-                                   config={k: v for k, v in vars(args).items() if k != 'func'})
+    # Under torchrun every rank runs this; only rank 0 records the run and writes the version.
+    lead = int(os.environ.get('RANK', '0')) == 0
+    run_id = None
+    if lead:
+        with Catalog(args.data_dir) as catalog:
+            run_id = catalog.start_run(args.method, parent_version=parent,
+                                       episodes=list(labelled.windows.episode_ids),
+                                       config={k: v for k, v in vars(args).items() if k != 'func'})
     try:
         version, summary = finetune(store, parent, data, cfg, behaviour=behaviour,
                                     pairs=labelled.preferences, device=args.device,
                                     progress=not args.no_progress, activate=args.activate,
                                     card_extra={'camera_topics': list(spec.camera_topics)})
     except BaseException as exc:
-        with Catalog(args.data_dir) as catalog:
-            catalog.finish_run(run_id, status='failed', error=str(exc))
+        if lead:
+            with Catalog(args.data_dir) as catalog:
+                catalog.finish_run(run_id, status='failed', error=str(exc))
         raise
     if version is None:  # a non-zero DDP rank
         return 0

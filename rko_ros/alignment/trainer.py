@@ -315,6 +315,16 @@ class PreferenceTrainer:
             return float(r.mean())
         return float(pos.mean() - neg.mean())
 
+    def _from_rank0(self, value):
+        """Under DDP every rank takes rank 0's number, so all make the same early-stopping and
+        best-state decisions (and none waits alone in an all-reduce)."""
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.broadcast(tensor, src=0)
+        return float(tensor.item())
+
     def run(self, on_step=None):
         cfg = self.cfg
         if cfg.num_threads:
@@ -340,7 +350,7 @@ class PreferenceTrainer:
             kept = self.ema if self.ema is not None else self.policy
             row = {'step': step, 'time_s': round(time.perf_counter() - start, 3), **metrics}
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                margin = self.holdout_margin(model=kept)
+                margin = self._from_rank0(self.holdout_margin(model=kept))
                 row['holdout_margin'] = margin
                 if margin > best_margin:
                     best_margin, best_step, evals_without_gain = margin, step, 0
@@ -363,6 +373,7 @@ class PreferenceTrainer:
             self.policy.load_state_dict(self.ema.state_dict())
         self.policy.eval()
         return {'best_step': best_step, 'best_holdout_margin': best_margin, 'steps_run': len(self.history),
+                'world_size': self.world_size,
                 'holdout_episodes': [self.data.episode_ids[i] for i in self.holdout_episodes],
                 'final_loss': self.history[-1]['loss'] if self.history else None}
 
