@@ -145,10 +145,15 @@ def test_episodes_recorded_labelled_preferred_undone(system):
         entry = catalog.get(episodes[1])
         assert entry['complete'] and entry['model_version'] == system['versions'][1]
         bag = catalog.bag_path(episodes[1])
-    counts, stamps = {}, []
+    counts, stamps, first = {}, [], {}
     for topic, _msgtype, t_ns, _raw in read_messages(bag):
         counts[topic] = counts.get(topic, 0) + 1
         stamps.append(t_ns)
+        first[topic] = min(first.get(topic, t_ns), t_ns)
+    # The bag opens with the newest frame and joint state from before episode/start: the first
+    # action was computed from them, so the first tick has its observation in the data.
+    for topic in (f'/{NS}/camera/image_raw', f'/{NS}/joint_states'):
+        assert first[topic] < first[f'/{NS}/action'], (topic, first)
     # About 1.5 s of a 10 Hz loop; recording starts with the service call. The sim steps once per
     # action and publishes that step's frame and joint state with it, so every executed action has
     # its observation in the bag (timers add more when the machine keeps up; on a loaded CI machine

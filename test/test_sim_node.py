@@ -164,6 +164,31 @@ def test_step_on_action_gives_the_offline_observe_act_timing(context):
         probe.close()
 
 
+def test_the_cell_holds_after_the_episode_ends(context):
+    """Past episode_ticks actions are ignored (the demonstrations end there; judging the cloth
+    after extra, unplanned moves would grade what the policy was never asked to do)."""
+    probe = Probe(context, {'control_rate_hz': 1.0, 'camera_rate_hz': 1.0,
+                            'joint_state_rate_hz': 1.0, 'episode_ticks': 3})
+    try:
+        assert probe.spin_until(lambda: probe.images and probe.joints)
+        tick0 = probe.sim.task.tick       # the 1 Hz timer may have stepped once before actions
+        for k in range(5):
+            probe.send(_trajectory(['gripper_x', 'gripper_y', 'gripper_closed'],
+                                   [0.0, -0.2 + 0.02 * k, 0.0]))
+            probe.spin_until(lambda: False, 0.1)
+        result = json.loads(probe.call('sim/evaluate').message)
+        assert result['done'] and result['tick'] == 3
+        assert probe.sim.actions_received == 3 - tick0     # the ones after the end are ignored
+        held = probe.sim.task.sim.x.copy()
+        probe.spin_until(lambda: False, 1.2)     # the control timer does not step it either
+        assert probe.sim.task.tick == 3 and np.array_equal(probe.sim.task.sim.x, held)
+        assert probe.call('sim/reset').success and probe.sim.task.tick == 0
+        probe.send(_trajectory(['gripper_x', 'gripper_y', 'gripper_closed'], [0.0, -0.2, 0.0]))
+        assert probe.spin_until(lambda: probe.sim.actions_received == 4 - tick0, 0.5)
+    finally:
+        probe.close()
+
+
 @pytest.mark.parametrize('name, value, expected', [
     ('action_type', 'bogus', 'action_type'),
     ('control_rate_hz', 1000.0, 'control_rate_hz'),

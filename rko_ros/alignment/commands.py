@@ -41,6 +41,16 @@ def register(subparsers):
     p.add_argument('--ema-decay', type=float, default=0.0,
                    help='keep an EMA of the weights and select/export it (e.g. 0.99); 0 '
                         '(default) = the raw weights')
+    p.add_argument('--guard-tolerance', type=float, default=0.5,
+                   help='execution guard: a checkpoint is kept only if its denoising error on the '
+                        'guard windows is at most (1 + this) x the parent\'s; if none is, nothing '
+                        'is written (default 0.5)')
+    p.add_argument('--guard-windows', default='desirable', choices=['desirable', 'behaviour'],
+                   help='the guard\'s windows: the held-out desirable ones (default) or the '
+                        'pretraining demonstrations (which include the styles the labels move '
+                        'away from: use a wider tolerance)')
+    p.add_argument('--no-guard', action='store_true',
+                   help='select by the held-out margin alone (the methods as published)')
     p.add_argument('--lambda-fkl', type=float, default=1.0,
                    help='fkpd: weight of the forward-KL (BC) term on the pretraining data')
     p.add_argument('--eval-every', type=int, default=25, help='held-out evaluation period')
@@ -103,11 +113,14 @@ def _finetune(args):
                          reduction=args.reduction, eval_every=args.eval_every,
                          patience=args.patience, seed=args.seed, lambda_sft=args.lambda_sft,
                          lambda_fkl=args.lambda_fkl, lambda_behaviour=args.lambda_behaviour,
-                         ema_decay=args.ema_decay)
+                         ema_decay=args.ema_decay,
+                         guard_tolerance=None if args.no_guard else args.guard_tolerance,
+                         guard_windows=args.guard_windows)
     labelled = load_labelled(args.data_dir, spec, progress=not args.no_progress)
     data = LabelledWindows.from_dataset(labelled.windows)
     behaviour = None
-    if args.method == 'fkpd' or args.lambda_behaviour:
+    if args.method == 'fkpd' or args.lambda_behaviour or \
+            (cfg.guard_tolerance is not None and cfg.guard_windows == 'behaviour'):
         episodes = behaviour_episodes(store, parent)
         behaviour = load_windows(args.data_dir, episodes, spec, progress=False) if episodes else None
     # Under torchrun every rank runs this; only rank 0 records the run and writes the version.

@@ -58,6 +58,19 @@ class FinetuneConfig:
     # EMA of the weights (as in pretraining): the averaged copy is the one evaluated on the
     # held-out windows, kept and exported. 0 = the raw weights.
     ema_decay: float = 0.0
+    # [choice, not in the papers] Execution guard on model selection. The held-out margin alone
+    # can be widened by wrecking the predictions (both errors rise, the undesirable ones faster:
+    # the margin grows while the policy forgets how to act). So each evaluated checkpoint also
+    # has its mean denoising error measured on a fixed sample of guard windows with fixed noise,
+    # and only one whose error is at most (1 + guard_tolerance) x the reference's may be kept.
+    # None of them: the run fails and nothing is written. None = off (the methods as published;
+    # `rko finetune` turns it on). The guard windows are the held-out desirable ones
+    # ('desirable': what the operator wants done must still be predicted; all desirable windows
+    # when none is held out) or the pretraining demonstrations ('behaviour'; these include the
+    # styles the labels move away from, so their error rises with any real alignment: in the
+    # cloth task it grew 7x while preferred-style success went from 10% to 60%).
+    guard_tolerance: float = None
+    guard_windows: str = 'desirable'
     holdout_fraction: float = 0.2
     eval_every: int = 25
     patience: int = 6                # evaluations without a better held-out margin before stopping
@@ -76,6 +89,10 @@ class FinetuneConfig:
         for name in ('lambda_sft', 'lambda_behaviour', 'lambda_fkl'):
             if getattr(self, name) < 0:
                 raise TrainingError(f'{name}={getattr(self, name)} must be >= 0')
+        if self.guard_windows not in ('desirable', 'behaviour'):
+            raise TrainingError(f"guard_windows '{self.guard_windows}' must be 'desirable' or 'behaviour'")
+        if self.guard_tolerance is not None and self.guard_tolerance < 0:
+            raise TrainingError(f'guard_tolerance={self.guard_tolerance} must be >= 0 (None = off)')
         if self.steps < 1 or self.batch_size < 2:
             raise TrainingError(f'steps={self.steps} must be >= 1 and batch_size={self.batch_size} >= 2')
 
@@ -170,6 +187,9 @@ class PreferenceTrainer:
             self.model = torch.nn.parallel.DistributedDataParallel(self.policy)
             self.rng = np.random.default_rng(cfg.seed + self.rank)
         self.ema = copy.deepcopy(self.policy).eval() if cfg.ema_decay > 0 else None
+        self.guard_windows, self.guard_source = self._guard_windows()
+        self.guard_reference = self.guard_error(self.reference) \
+            if cfg.guard_tolerance is not None else None
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)
         self.history = []
@@ -296,24 +316,64 @@ class PreferenceTrainer:
         if len(idx) > max_windows:
             pick = np.random.default_rng(1234).choice(len(idx), size=max_windows, replace=False)
             idx, label = idx[pick], label[pick]
-        generator = torch.Generator(device='cpu').manual_seed(4321)
-        t, eps = self.policy.sample_timesteps_and_noise(len(idx), generator=generator, device='cpu')
-        t, eps = t.to(self.device), eps.to(self.device)
-        was_training = model.training
-        model.eval()
-        g = []
-        for start in range(0, len(idx), 64):
-            sl = slice(start, start + 64)
-            batch = self._batch(idx[sl])
-            e_theta = model.denoise_error(batch, t[sl], eps[sl], self.cfg.reduction)
-            e_ref = self.reference.denoise_error(batch, t[sl], eps[sl], self.cfg.reduction)
-            g.append(e_ref - e_theta)
-        model.train(was_training)
-        r = self.cfg.beta * torch.cat(g).cpu().numpy() if self.cfg.beta else torch.cat(g).cpu().numpy()
+        e_theta, e_ref = self._fixed_noise_errors((model, self.reference), self.data.windows, idx,
+                                                  4321, self.cfg.reduction)
+        g = (e_ref - e_theta).cpu().numpy()
+        r = self.cfg.beta * g if self.cfg.beta else g
         pos, neg = r[label > 0], r[label < 0]
         if len(pos) == 0 or len(neg) == 0:
             return float(r.mean())
         return float(pos.mean() - neg.mean())
+
+    def _guard_windows(self, max_windows=128):
+        """(windows, index array) of the guard sample, fixed for the run."""
+        if self.cfg.guard_windows == 'behaviour':
+            if self.behaviour is None or not len(self.behaviour):
+                raise TrainingError("guard_windows 'behaviour' needs the pretraining windows; none "
+                                    'were found for the parent version')
+            source, pool, name = self.behaviour, np.arange(len(self.behaviour)), 'behaviour'
+        else:
+            source, name = self.data.windows, 'held-out desirable'
+            pool = np.intersect1d(self.holdout_idx, np.flatnonzero(self.data.label > 0))
+            if not len(pool):
+                pool, name = np.flatnonzero(self.data.label > 0), 'desirable'
+        if len(pool) > max_windows:
+            pool = np.sort(np.random.default_rng(999).choice(pool, size=max_windows, replace=False))
+        return (source, pool), name
+
+    @torch.no_grad()
+    def guard_error(self, model):
+        """Mean denoising error (per dimension) of `model` on the guard windows, fixed t and noise."""
+        (source, idx) = self.guard_windows
+        if len(idx) == 0:
+            return float('nan')
+        (errors,) = self._fixed_noise_errors((model,), source, idx, 8765, 'mean')
+        return float(errors.mean())
+
+    @torch.no_grad()
+    def _fixed_noise_errors(self, models, source, idx, seed, reduction):
+        """Per-window denoising errors of each model on source[idx], with the same seeded t and
+        noise every call (evaluations comparable across steps), in eval mode."""
+        generator = torch.Generator(device='cpu').manual_seed(seed)
+        t, eps = self.policy.sample_timesteps_and_noise(len(idx), generator=generator, device='cpu')
+        t, eps = t.to(self.device), eps.to(self.device)
+        modes = [m.training for m in models]
+        for m in models:
+            m.eval()
+        errors = [[] for _ in models]
+        for start in range(0, len(idx), 64):
+            sl = slice(start, start + 64)
+            batch = collate(source, idx[sl], self.device)
+            for out, m in zip(errors, models):
+                out.append(m.denoise_error(batch, t[sl], eps[sl], reduction))
+        for m, mode in zip(models, modes):
+            m.train(mode)
+        return [torch.cat(e) for e in errors]
+
+    def _within_guard(self, error):
+        if self.guard_reference is None:
+            return True
+        return error <= (1.0 + self.cfg.guard_tolerance) * self.guard_reference
 
     def _from_rank0(self, value):
         """Under DDP every rank takes rank 0's number, so all make the same early-stopping and
@@ -330,6 +390,7 @@ class PreferenceTrainer:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         best_margin, best_state, best_step, evals_without_gain = -math.inf, None, 0, 0
+        best_guard, guard_rejected = None, 0
         bar = None
         if self.progress and self.rank == 0:
             from tqdm import tqdm
@@ -352,8 +413,15 @@ class PreferenceTrainer:
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 margin = self._from_rank0(self.holdout_margin(model=kept))
                 row['holdout_margin'] = margin
-                if margin > best_margin:
+                within = True
+                if self.guard_reference is not None:
+                    guard = self._from_rank0(self.guard_error(kept))
+                    row['guard_error'] = guard
+                    within = self._within_guard(guard)
+                    guard_rejected += not within
+                if margin > best_margin and within:
                     best_margin, best_step, evals_without_gain = margin, step, 0
+                    best_guard = row.get('guard_error')
                     best_state = copy.deepcopy(kept.state_dict())
                 else:
                     evals_without_gain += 1
@@ -367,13 +435,18 @@ class PreferenceTrainer:
                 break
         if bar is not None:
             bar.close()
-        if best_state is not None:
+        if best_state is None:
+            # Every evaluated checkpoint broke the execution guard: keep nothing of this run.
+            self.policy.load_state_dict(self.reference.state_dict())
+        else:
             self.policy.load_state_dict(best_state)
-        elif self.ema is not None:
-            self.policy.load_state_dict(self.ema.state_dict())
         self.policy.eval()
         return {'best_step': best_step, 'best_holdout_margin': best_margin, 'steps_run': len(self.history),
-                'world_size': self.world_size,
+                'world_size': self.world_size, 'kept': best_state is not None,
+                'guard': None if self.guard_reference is None else {
+                    'windows': self.guard_source, 'tolerance': self.cfg.guard_tolerance,
+                    'reference_error': self.guard_reference, 'kept_error': best_guard,
+                    'rejected_evaluations': guard_rejected},
                 'holdout_episodes': [self.data.episode_ids[i] for i in self.holdout_episodes],
                 'final_loss': self.history[-1]['loss'] if self.history else None}
 
@@ -414,6 +487,16 @@ def finetune(store, parent_version, data, cfg, behaviour=None, pairs=None, devic
     trainer = PreferenceTrainer(policy, data, cfg, behaviour=behaviour, pairs=pairs, device=device,
                                 progress=progress)
     summary = trainer.run(on_step=on_step)
+    if not summary['kept']:
+        guard = summary['guard']
+        worst = min((r['guard_error'] for r in trainer.history if 'guard_error' in r), default=None)
+        raise TrainingError(
+            f'{cfg.method}: no checkpoint kept the denoising error on the {guard["windows"]} '
+            f'windows within {1 + guard["tolerance"]:g}x the parent\'s ({guard["reference_error"]:.4g}; '
+            f'the best evaluated was {worst:.4g}): the fine-tuning was degrading how the policy acts, '
+            f'so nothing was written and {parent_version} stays as it is. Lower --lr (now {cfg.lr}) '
+            f'or --beta (now {cfg.beta}), add --lambda-sft 1, or widen --guard-tolerance (or '
+            f'--no-guard).')
     if trainer.rank != 0:
         return None, summary
     used = sorted({data.episode_ids[i] for i in set(data.episode_index[data.label != 0].tolist())})

@@ -69,14 +69,20 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
                 try:
                     fc = FinetuneConfig(method=method, steps=cfg.finetune_steps,
                                         batch_size=max(4, cfg.batch_size // 2), seed=cfg.seed + s,
-                                        lambda_sft=cfg.lambda_sft)
+                                        lambda_sft=cfg.lambda_sft,
+                                        guard_tolerance=cfg.guard_tolerance)
                     version, summary = finetune(store, parent, data, fc, behaviour=behaviour,
                                                 progress=False)
                     row.update(evaluate_version(cfg, store.version_dir(version), eval_episodes, seed=s))
                     row['version'] = version
-                except Exception as exc:  # e.g. no desirable label among the first n: record it
-                    row.update({'error': str(exc), 'preferred_success': float('nan'),
-                                'mean_quality': float('nan')})
+                except Exception as exc:
+                    if 'no checkpoint kept' in str(exc):
+                        # The execution guard kept the pretrained model: that is what would run.
+                        row.update({k: pretrained[k] for k in ('preferred_success', 'mean_quality')},
+                                   rejected=str(exc))
+                    else:  # e.g. no desirable label among the first n: record it
+                        row.update({'error': str(exc), 'preferred_success': float('nan'),
+                                    'mean_quality': float('nan')})
                 runs.append(row)
                 bar.update(1)
     bar.close()
@@ -97,6 +103,7 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
     result = {'bench': 'alignment', 'preferred_style': cfg.preferred_style, 'methods': list(methods),
               'labels': label_counts, 'seeds': seeds, 'eval_episodes': eval_episodes,
               'finetune_steps': cfg.finetune_steps, 'lambda_sft': cfg.lambda_sft,
+              'guard_tolerance': cfg.guard_tolerance,
               'pretrained_version': parent,
               'pretrained': pretrained, 'table': table, 'rko_ahead_of': rko_ahead, 'runs': runs}
     result['plot'] = _plot(result, os.path.join(cfg.data_dir, 'alignment_bench.png'))

@@ -30,6 +30,7 @@ def register(subparsers):
     p.add_argument('--finetune-steps', type=int, help='fine-tuning steps')
     p.add_argument('--lambda-sft', type=float,
                    help='BC anchor weight during fine-tuning (default 1.0; 0 = the loss as published)')
+    _guard_args(p, '0.5')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--keep', action='store_true', help='reuse demonstrations/pretrained model in --out')
     p.add_argument('--json', action='store_true', help='print the summary as one JSON line at the end')
@@ -62,9 +63,20 @@ def register_bench(bench_subparsers):
                    help='the simulated operator\'s style (default %(default)s)')
     p.add_argument('--lambda-sft', type=float, default=0.0,
                    help='BC anchor weight for every method (default 0: the losses as published)')
+    _guard_args(p, 'off, the methods as published')
     p.add_argument('--quick', action='store_true', help='tiny sizes for tests')
     p.add_argument('--json', action='store_true', help='print the result as one JSON line')
     p.set_defaults(func=_bench_alignment)
+
+
+def _guard_args(p, default):
+    p.add_argument('--guard-tolerance', type=float,
+                   help='execution guard of model selection: keep a fine-tuned checkpoint only if '
+                        'its denoising error on the held-out desirable windows is at most (1 + '
+                        'this) x the pretrained model\'s (see `rko finetune --help`; default: '
+                        f'{default})')
+    p.add_argument('--no-guard', action='store_true',
+                   help='select checkpoints by the held-out margin alone')
 
 
 def _config(args):
@@ -76,7 +88,10 @@ def _config(args):
         'label_episodes': getattr(args, 'label_episodes', None),
         'eval_episodes': getattr(args, 'eval_episodes', None),
         'finetune_steps': args.finetune_steps,
-        'lambda_sft': getattr(args, 'lambda_sft', None)}.items() if v is not None}
+        'lambda_sft': getattr(args, 'lambda_sft', None),
+        'guard_tolerance': args.guard_tolerance}.items() if v is not None}
+    if args.no_guard:
+        overrides['guard_tolerance'] = None
     from rko_ros.sim.styles import STYLES
     if args.preferred_style not in STYLES:
         raise RkoError(f"--preferred-style '{args.preferred_style}' is not a style; choose one of "
@@ -112,7 +127,7 @@ def _pretrained(cfg, progress=True):
 def _demo(args):
     from tqdm import tqdm
     from rko_ros.demo import pipeline, report
-    from rko_ros.demo.loop import RosLoop, write_demo_params
+    from rko_ros.demo.loop import FinetuneRejected, RosLoop, write_demo_params
     from rko_ros.demo.offline import summarize_dicts
     from rko_ros.ros.commands import default_config_path
     from rko_ros.sim.operator import SimulatedOperator
@@ -150,7 +165,14 @@ def _demo(args):
             def progress(status):
                 step = int(float(status.get('step', 0) or 0))
                 bar.update(max(0, step - bar.n))
-            new_version = loop.finetune_and_reload(on_progress=progress)
+            try:
+                new_version = loop.finetune_and_reload(on_progress=progress)
+            except FinetuneRejected as exc:
+                # The guard refused every checkpoint: the robot keeps the pretrained model.
+                skipped = str(exc)
+                new_version = pretrained
+                print(f'\nfine-tuning rejected, the pretrained model stays: {skipped}',
+                      file=sys.stderr)
             bar.close()
         _stage(f'5/5 evaluation of {new_version} through the policy node')
         after = []
@@ -188,6 +210,8 @@ def _demo(args):
 
 def _bench_alignment(args):
     from rko_ros.demo.bench import run_alignment_bench
+    if args.guard_tolerance is None:
+        args.no_guard = True   # the comparison is of the methods as published unless asked
     cfg = _config(args)
     result = run_alignment_bench(cfg, args.methods, args.labels, args.seeds, args.eval_episodes)
     from rko_ros.demo.pipeline import as_jsonable

@@ -30,11 +30,20 @@ def write_demo_params(path, cfg, base_config):
     policy.update({'enabled': False})
     trainer = params.setdefault('/**/trainer_node', {}).setdefault('ros__parameters', {})
     trainer.update({'method': cfg.method, 'steps': int(cfg.finetune_steps), 'auto_reload': True,
-                    'extra_args': ['--batch-size', str(cfg.batch_size // 2), '--no-progress',
-                                   '--seed', str(cfg.seed), '--lambda-sft', repr(cfg.lambda_sft)]})
+                    'extra_args': ['--batch-size', str(cfg.batch_size // 2),
+                                   '--seed', str(cfg.seed), '--lambda-sft', repr(cfg.lambda_sft)] +
+                   (['--no-guard'] if cfg.guard_tolerance is None else
+                    ['--guard-tolerance', repr(cfg.guard_tolerance)])})
     with open(path, 'w') as f:
         yaml.safe_dump(params, f, sort_keys=False)
     return path
+
+
+GUARD_REJECTION = 'so nothing was written'   # in the trainer's error when the guard kept nothing
+
+
+class FinetuneRejected(RkoError):
+    """Fine-tuning ran, but the execution guard kept no checkpoint: the model is unchanged."""
 
 
 class RosLoop:
@@ -134,7 +143,7 @@ class RosLoop:
         deadline = time.monotonic() + timeout_s
         result = {}
         while time.monotonic() < deadline:
-            self.spin_for(0.5)
+            self.spin_for(0.1)   # the cell holds at the end; stop recording soon after
             ok, text = self.call('sim/evaluate')
             result = json.loads(text) if ok else {}
             if result.get('done'):
@@ -166,6 +175,9 @@ class RosLoop:
                 on_progress(dict(self.trainer_status))
             if state in ('done', 'failed', 'cancelled'):
                 break
+        error = self.trainer_status.get('error') or ''
+        if state == 'failed' and GUARD_REJECTION in error:
+            raise FinetuneRejected(error)
         if state != 'done':
             raise RkoError(f"fine-tuning ended in state '{state}': "
                            f"{self.trainer_status.get('error') or self.trainer_status.get('_message')}")

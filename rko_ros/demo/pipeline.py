@@ -30,6 +30,7 @@ class DemoConfig:
     method: str = 'rko'
     finetune_steps: int = 300
     lambda_sft: float = 1.0      # BC anchor on the desirable windows (see FinetuneConfig)
+    guard_tolerance: float = 0.5  # execution guard of model selection (FinetuneConfig); None = off
     seed: int = 0
 
     @classmethod

@@ -29,9 +29,10 @@ REASONS = ('disabled', 'no_model', 'no_observation', 'stale_camera', 'stale_join
 
 
 class ObservationBuffer:
-    def __init__(self, camera_names, n_obs_steps):
+    def __init__(self, camera_names, n_obs_steps, age_basis=''):
         self.camera_names = list(camera_names)
         self.n_obs_steps = int(n_obs_steps)
+        self.age_basis = age_basis   # appended to stale messages: how the age is measured
         self._lock = threading.Lock()
         self.images = [None] * len(self.camera_names)   # (3, H, W) uint8
         self.image_times_s = [None] * len(self.camera_names)
@@ -66,14 +67,14 @@ class ObservationBuffer:
                     return 'no_observation', f"no image from camera '{name}' yet"
                 if now_s - t > max_obs_age_s:
                     return 'stale_camera', (f"camera '{name}' last image {now_s - t:.3f} s ago "
-                                            f'> max_obs_age_s {max_obs_age_s}')
+                                            f'> max_obs_age_s {max_obs_age_s}{self.age_basis}')
                 if error:
                     return 'bad_input', error
             if self.state_time_s is None:
                 return 'no_observation', 'no joint state yet'
             if now_s - self.state_time_s > max_obs_age_s:
                 return 'stale_joint_state', (f'joint state {now_s - self.state_time_s:.3f} s old '
-                                             f'> max_obs_age_s {max_obs_age_s}')
+                                             f'> max_obs_age_s {max_obs_age_s}{self.age_basis}')
             if self.state_error:
                 return 'bad_input', self.state_error
         return None
@@ -248,7 +249,7 @@ class PolicyController:
     def reshape(self, n_obs_steps, n_action_steps, horizon):
         """New window and chunk sizes (before the first model; a swap keeps them)."""
         with self._tick_lock:
-            self.obs = ObservationBuffer(self.obs.camera_names, n_obs_steps)
+            self.obs = ObservationBuffer(self.obs.camera_names, n_obs_steps, self.obs.age_basis)
             self.scheduler = ActionScheduler(n_action_steps, horizon, self.rate_hz)
 
     def swap_runtime(self, runtime):

@@ -75,11 +75,17 @@ class EpisodeNode(Node):
             topics.append((DiagnosticStatus, 'policy/status', 10))
         self.record_group = MutuallyExclusiveCallbackGroup()
         self.subs = []
+        # The newest camera frame and joint state seen before an episode starts open its bag: the
+        # policy's first tick acted on them, so the first tick has its observation in the data.
+        self._latest = {}
+        observations = {self.resolve_topic_name(t) for t in p['camera_topics']} | \
+            {self.resolve_topic_name(p['joint_state_topic'])}
         for msg_type, topic, qos in topics:
             # Bags name topics fully resolved, as `ros2 bag record` does.
             resolved = self.resolve_topic_name(topic)
-            self.create_subscription(msg_type, topic, self._writer(resolved), qos, raw=True,
-                                     callback_group=self.record_group)
+            self.create_subscription(msg_type, topic,
+                                     self._writer(resolved, resolved in observations), qos,
+                                     raw=True, callback_group=self.record_group)
             self.subs.append((resolved, MSGTYPES[msg_type]))
         services = MutuallyExclusiveCallbackGroup()
         guarded_service(self, Trigger, 'episode/start', self._on_start, callback_group=services)
@@ -93,10 +99,12 @@ class EpisodeNode(Node):
         self.get_logger().info(f'episodes under {self.data_dir}; recording '
                                f'{[t for t, _ in self.subs]}')
 
-    def _writer(self, topic):
+    def _writer(self, topic, keep_latest):
         def write(serialized):
             now_ns = self.get_clock().now().nanoseconds
             with self._lock:
+                if keep_latest:
+                    self._latest[topic] = (now_ns, serialized)
                 if self.recorder is not None:
                     self.recorder.write(topic, now_ns, bytes(serialized))
         return write
@@ -119,6 +127,8 @@ class EpisodeNode(Node):
             self.catalog.finish_episode(episode_id, complete=False, note=str(exc))
             return False, f'cannot record episode {episode_id}: {exc}'
         with self._lock:
+            for topic, (stamp_ns, serialized) in sorted(self._latest.items()):
+                recorder.write(topic, stamp_ns, bytes(serialized))
             self.recorder, self.episode_id = recorder, episode_id
         self.started_s = time.monotonic()
         self.get_logger().info(f'episode {episode_id} recording')

@@ -50,6 +50,10 @@ PARAMETERS = {
                              range=(0.5, 1000.0)),
     'max_obs_age_s': Param(0.5, 'no action when a camera frame or joint state is older',
                            range=(0.001, 60.0)),
+    'obs_age_from': Param('stamp', 'stamp: an input\'s age counts from its header stamp (capture '
+                          'time; transport and queueing delays count too), receipt when unstamped; '
+                          'receipt: from arrival only (for a sensor whose clock is not this one)',
+                          choices=('stamp', 'receipt')),
     'action_limits': Param(Parameter.Type.DOUBLE_ARRAY,
                            'flat [low0, high0, low1, high1, ...] per action dim; unset: no limits'),
     'enabled': Param(True, 'act from the start (else hold until policy/enable true)'),
@@ -85,6 +89,9 @@ class PolicyNode(Node):
             self._card_value(runtime, 'horizon', 16), p['control_rate_hz'], p['max_obs_age_s'],
             action_limits=self.action_limits, log=self._log)
         self.controller.set_enabled(p['enabled'])
+        if p['obs_age_from'] == 'stamp':
+            self.controller.obs.age_basis = (' (age from the header stamp when set; obs_age_from: '
+                                             'receipt if that sensor\'s clock is not this one)')
 
         self.obs_group = MutuallyExclusiveCallbackGroup()
         self.tick_group = MutuallyExclusiveCallbackGroup()
@@ -215,8 +222,20 @@ class PolicyNode(Node):
             except RkoError as exc:
                 self.controller.obs.set_image_error(index, str(exc), now_s)
                 return
-            self.controller.obs.set_image(index, chw, now_s)
+            self.controller.obs.set_image(index, chw, self._captured_s(msg.header, now_s))
         return callback
+
+    def _captured_s(self, header, now_s):
+        """Monotonic time of capture: arrival minus the delay its header stamp shows.
+
+        A frame that sat in a DDS queue while this process was starved is as old as its stamp says,
+        not as fresh as its late arrival: acting on it would act on the past.
+        """
+        stamp_ns = header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
+        if self.params['obs_age_from'] != 'stamp' or stamp_ns == 0:
+            return now_s
+        delay_s = (self.get_clock().now().nanoseconds - stamp_ns) * 1e-9
+        return now_s - max(0.0, delay_s)
 
     def _on_joint_state(self, msg):
         now_s = time.monotonic()
@@ -229,7 +248,8 @@ class PolicyNode(Node):
                 f'{missing or "positions"}'
                 f' (has {names}); the model needs {wanted}'))
             return
-        self.controller.obs.set_state([msg.position[names.index(n)] for n in wanted], now_s)
+        self.controller.obs.set_state([msg.position[names.index(n)] for n in wanted],
+                                      self._captured_s(msg.header, now_s))
 
     # ------------------------------------------------------------ control
     def _on_tick(self):

@@ -69,6 +69,10 @@ PARAMETERS = {
                     'advances the sim when no action came for a period. false: the control '
                     'timer alone advances the sim (a controller with its own clock, adding up '
                     'to a tick of latency)', read_only=True)),
+    'hold_after_episode': (True, ParameterDescriptor(
+        description='after episode_ticks the cell stops: actions are ignored and the cloth is '
+                    'judged as it was at the end (the demonstrations end there too); false: it '
+                    'keeps simulating until sim/reset', read_only=True)),
     'quality_threshold': _float('fold quality at or above which a fold succeeds', 0.7, 0.0, 1.0),
 }
 
@@ -139,6 +143,7 @@ class SimNode(Node):
 
     # ------------------------------------------------------------ episode
     def _reset_episode(self):
+        self._hold_logged = False
         self.task.reset(self._next_seed)
         self._next_seed += 1
         # Hold where the gripper is, open, until the first action arrives.
@@ -183,6 +188,8 @@ class SimNode(Node):
         if not np.all(np.isfinite(target)):
             self._reject(f'non-finite action {target.tolist()}')
             return
+        if self._episode_over():
+            return
         self.target = target
         self.actions_received += 1
         if self.params['step_on_action']:
@@ -195,9 +202,23 @@ class SimNode(Node):
         self.get_logger().warning(f'ignored action on {self.params["action_topic"]!r}: {what}; '
                                'holding the last target', throttle_duration_sec=2.0)
 
+    def _episode_over(self):
+        """True (and logged once) when the episode's time is up and the cell holds."""
+        if not (self.params['hold_after_episode'] and self.task.done):
+            return False
+        if not self._hold_logged:
+            self._hold_logged = True
+            self.get_logger().info(f'episode over after {self.task.tick} ticks: holding, actions '
+                                   'ignored until sim/reset')
+        return True
+
     def _on_control_tick(self):
+        if self._episode_over():
+            return
+        # One and a half periods: an action a few ms late must not let the timer slip in an
+        # extra step (the cloth would move on a tick the policy never saw).
         if self.params['step_on_action'] and \
-                time.monotonic() - self._last_action_step < 1.0 / self.params['control_rate_hz']:
+                time.monotonic() - self._last_action_step < 1.5 / self.params['control_rate_hz']:
             return  # the action stream is stepping the sim
         self.task.step(self.target)
 
