@@ -9,8 +9,8 @@ import numpy as np
 from diagnostic_msgs.msg import DiagnosticStatus
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, JointState
+from std_msgs.msg import Float64MultiArray
 from std_srvs.srv import Trigger
-from trajectory_msgs.msg import JointTrajectory
 
 from rko_ros.episodes.catalog import Catalog
 from ros_testing import Client, NodeProcess, add_version, status_values
@@ -42,9 +42,9 @@ def test_policy_without_a_model_holds_until_reload_then_acts_on_jpeg(tmp_path):
     ns = 'rko_cold'
     proc = NodeProcess.module('rko_ros.ros.policy_node', {
         'data_dir': str(tmp_path), 'image_transport': 'compressed', 'image_resize': True,
-        'status_rate_hz': 10.0}, tmp_path / 'policy.log', namespace=ns)
+        'status_rate_hz': 10.0, 'action_type': 'float64_multi_array'}, tmp_path / 'policy.log', namespace=ns)
     client = Client('cold_client')
-    client.subscribe(JointTrajectory, f'/{ns}/action')
+    client.subscribe(Float64MultiArray, f'/{ns}/action')
     client.subscribe(DiagnosticStatus, f'/{ns}/policy/status')
     # A 64x48 jpeg camera; the model wants 32x32: image_resize lets the node scale it.
     ok, jpeg = cv2.imencode('.jpg', np.full((48, 64, 3), 90, np.uint8))
@@ -71,6 +71,8 @@ def test_policy_without_a_model_holds_until_reload_then_acts_on_jpeg(tmp_path):
         reload = client.call(Trigger, f'/{ns}/policy/reload')
         assert reload.success and reload.message == f'reload: now running {version} (was None)'
         client.wait_for(lambda: len(client.messages(f'/{ns}/action')) >= 5, 10, 'actions')
+        actions = client.messages(f'/{ns}/action')
+        assert all(len(m.data) == 3 and np.all(np.isfinite(m.data)) for _, m in actions)
         since = time.monotonic()
         values = status_values(client.wait_for(
             lambda: client.messages(f'/{ns}/policy/status', since), 5, 'status')[-1][1])
