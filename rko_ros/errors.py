@@ -27,3 +27,11 @@ class EpisodeError(RkoError):
 
 class TrainingError(RkoError):
     """Fine-tuning or pretraining cannot run with the data or settings given."""
+
+
+class GuardRejected(TrainingError):
+    """Fine-tuning ran, but the execution guard kept no checkpoint: nothing was written.
+
+    MARK is in the message, so a parent that only sees the child's output (trainer_node, the
+    demo) can tell this outcome from a failure."""
+    MARK = 'no checkpoint kept'

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rko_ros.alignment.trainer import FinetuneConfig, LabelledWindows, finetune
-from rko_ros.errors import ModelFileError, TrainingError
+from rko_ros.errors import GuardRejected, ModelFileError, TrainingError
 from rko_ros.policy.config import PolicyConfig
 from rko_ros.policy.model import DiffusionPolicy
 from rko_ros.policy.store import ModelStore
@@ -221,7 +221,7 @@ def test_execution_guard_keeps_only_checkpoints_that_still_act(pretrained):
     # Guarded, evaluated only at that wrecked last step: nothing is within 1.5x, so the run fails
     # with the numbers and the fix, and no version is written.
     before = store.versions()
-    with pytest.raises(TrainingError, match=r'no checkpoint kept the denoising error on the '
+    with pytest.raises(GuardRejected, match=r'no checkpoint kept the denoising error on the '
                                             r'held-out desirable windows within 1\.5x'):
         finetune(store, parent, data, FinetuneConfig(**dict(wild, eval_every=6), guard_tolerance=0.5),
                  progress=False)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from rko_ros.alignment import losses
 from rko_ros.alignment.weights import rko_weights, similarity_matrix
-from rko_ros.errors import TrainingError
+from rko_ros.errors import GuardRejected, TrainingError
 from rko_ros.policy.train import collate, ema_update
 
 PAIR_METHODS = ('dpo', 'rpo', 'fkpd')
@@ -435,14 +435,17 @@ class PreferenceTrainer:
                 break
         if bar is not None:
             bar.close()
-        if best_state is None:
-            # Every evaluated checkpoint broke the execution guard: keep nothing of this run.
-            self.policy.load_state_dict(self.reference.state_dict())
-        else:
+        # Only the execution guard can leave the run with nothing to keep.
+        kept = best_state is not None or self.guard_reference is None
+        if best_state is not None:
             self.policy.load_state_dict(best_state)
+        elif not kept:  # every evaluated checkpoint broke the guard: nothing of this run
+            self.policy.load_state_dict(self.reference.state_dict())
+        elif self.ema is not None:
+            self.policy.load_state_dict(self.ema.state_dict())
         self.policy.eval()
         return {'best_step': best_step, 'best_holdout_margin': best_margin, 'steps_run': len(self.history),
-                'world_size': self.world_size, 'kept': best_state is not None,
+                'world_size': self.world_size, 'kept': kept,
                 'guard': None if self.guard_reference is None else {
                     'windows': self.guard_source, 'tolerance': self.cfg.guard_tolerance,
                     'reference_error': self.guard_reference, 'kept_error': best_guard,
@@ -489,11 +492,11 @@ def finetune(store, parent_version, data, cfg, behaviour=None, pairs=None, devic
     summary = trainer.run(on_step=on_step)
     if not summary['kept']:
         guard = summary['guard']
-        worst = min((r['guard_error'] for r in trainer.history if 'guard_error' in r), default=None)
-        raise TrainingError(
-            f'{cfg.method}: no checkpoint kept the denoising error on the {guard["windows"]} '
+        lowest = min(r['guard_error'] for r in trainer.history if 'guard_error' in r)
+        raise GuardRejected(
+            f'{cfg.method}: {GuardRejected.MARK} the denoising error on the {guard["windows"]} '
             f'windows within {1 + guard["tolerance"]:g}x the parent\'s ({guard["reference_error"]:.4g}; '
-            f'the best evaluated was {worst:.4g}): the fine-tuning was degrading how the policy acts, '
+            f'the best evaluated was {lowest:.4g}): the fine-tuning was degrading how the policy acts, '
             f'so nothing was written and {parent_version} stays as it is. Lower --lr (now {cfg.lr}) '
             f'or --beta (now {cfg.beta}), add --lambda-sft 1, or widen --guard-tolerance (or '
             f'--no-guard).')

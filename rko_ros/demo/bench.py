@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 from rko_ros.demo import offline, pipeline
+from rko_ros.errors import GuardRejected
 
 
 def labelled_rollouts(cfg, version_dir, count):
@@ -75,14 +76,13 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
                                                 progress=False)
                     row.update(evaluate_version(cfg, store.version_dir(version), eval_episodes, seed=s))
                     row['version'] = version
-                except Exception as exc:
-                    if 'no checkpoint kept' in str(exc):
-                        # The execution guard kept the pretrained model: that is what would run.
-                        row.update({k: pretrained[k] for k in ('preferred_success', 'mean_quality')},
-                                   rejected=str(exc))
-                    else:  # e.g. no desirable label among the first n: record it
-                        row.update({'error': str(exc), 'preferred_success': float('nan'),
-                                    'mean_quality': float('nan')})
+                except GuardRejected as exc:
+                    # The execution guard kept the pretrained model: that is what would run.
+                    row.update({k: pretrained[k] for k in ('preferred_success', 'mean_quality')},
+                               rejected=str(exc))
+                except Exception as exc:  # e.g. no desirable label among the first n: record it
+                    row.update({'error': str(exc), 'preferred_success': float('nan'),
+                                'mean_quality': float('nan')})
                 runs.append(row)
                 bar.update(1)
     bar.close()

@@ -5,7 +5,7 @@ import sys
 import time
 from types import SimpleNamespace
 
-from rko_ros.errors import RkoError
+from rko_ros.errors import GuardRejected, RkoError
 
 
 def register(subparsers):
@@ -127,7 +127,7 @@ def _pretrained(cfg, progress=True):
 def _demo(args):
     from tqdm import tqdm
     from rko_ros.demo import pipeline, report
-    from rko_ros.demo.loop import FinetuneRejected, RosLoop, write_demo_params
+    from rko_ros.demo.loop import RosLoop, write_demo_params
     from rko_ros.demo.offline import summarize_dicts
     from rko_ros.ros.commands import default_config_path
     from rko_ros.sim.operator import SimulatedOperator
@@ -167,7 +167,7 @@ def _demo(args):
                 bar.update(max(0, step - bar.n))
             try:
                 new_version = loop.finetune_and_reload(on_progress=progress)
-            except FinetuneRejected as exc:
+            except GuardRejected as exc:
                 # The guard refused every checkpoint: the robot keeps the pretrained model.
                 skipped = str(exc)
                 new_version = pretrained

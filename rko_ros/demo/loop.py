@@ -15,7 +15,7 @@ import time
 
 import yaml
 
-from rko_ros.errors import RkoError
+from rko_ros.errors import GuardRejected, RkoError
 
 
 def write_demo_params(path, cfg, base_config):
@@ -37,13 +37,6 @@ def write_demo_params(path, cfg, base_config):
     with open(path, 'w') as f:
         yaml.safe_dump(params, f, sort_keys=False)
     return path
-
-
-GUARD_REJECTION = 'so nothing was written'   # in the trainer's error when the guard kept nothing
-
-
-class FinetuneRejected(RkoError):
-    """Fine-tuning ran, but the execution guard kept no checkpoint: the model is unchanged."""
 
 
 class RosLoop:
@@ -176,8 +169,8 @@ class RosLoop:
             if state in ('done', 'failed', 'cancelled'):
                 break
         error = self.trainer_status.get('error') or ''
-        if state == 'failed' and GUARD_REJECTION in error:
-            raise FinetuneRejected(error)
+        if state == 'failed' and GuardRejected.MARK in error:
+            raise GuardRejected(error)
         if state != 'done':
             raise RkoError(f"fine-tuning ended in state '{state}': "
                            f"{self.trainer_status.get('error') or self.trainer_status.get('_message')}")
