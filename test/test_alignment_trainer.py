@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from rko_ros.alignment.trainer import FinetuneConfig, LabelledWindows, finetune
+from rko_ros.alignment.trainer import FinetuneConfig, LabelledWindows, PreferenceTrainer, finetune
+from rko_ros.alignment.weights import rko_weights
 from rko_ros.errors import GuardRejected, ModelFileError, TrainingError
 from rko_ros.policy.config import PolicyConfig
 from rko_ros.policy.model import DiffusionPolicy
 from rko_ros.policy.store import ModelStore
-from rko_ros.policy.synthetic import RIGHT, make_two_mode_windows, mode_of
+from rko_ros.policy.synthetic import RIGHT, make_decide_execute_windows, make_two_mode_windows, mode_of
 from rko_ros.policy.train import train_bc
 
 TINY = dict(obs={'image_size_px': [32, 32]},
@@ -83,6 +84,74 @@ def test_rko_and_kto_move_toward_the_favoured_mode_at_every_seed(pretrained, res
     print('favoured-mode fraction per seed:', fractions)
     for method, values in fractions.items():
         assert min(values) >= results['before'] + 0.15, fractions
+
+
+@pytest.fixture(scope='module')
+def decide_execute(tmp_path_factory):
+    """Pretrained on a decide-then-execute task; 16 labelled episodes (RIGHT ones desirable),
+    one decision window and three execution windows each, labelled per episode."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = PolicyConfig.preset('small', **TINY)
+    windows, _, _ = make_decide_execute_windows(config, n_episodes=32, execute_windows=3)
+    ema, _ = train_bc(DiffusionPolicy(config), windows, progress=False)
+    store = ModelStore(tmp_path_factory.mktemp('decide'))
+    parent = store.write_version(ema, method='pretrain', activate=True)
+    windows, modes, decision = make_decide_execute_windows(
+        config, n_episodes=16, execute_windows=3, modes=np.arange(16) % 2, seed=1)
+    data = LabelledWindows(windows, np.where(modes == RIGHT, 1, -1), windows.episode_index,
+                           [f'ep{i:03d}' for i in range(16)])
+    return store, parent, data, modes, decision
+
+
+def test_centred_similarity_weights_single_out_the_decision(decide_execute):
+    # Undesirable decision windows share their scene with desirable ones; undesirable execution
+    # windows show a scene no desirable window shows. RKO should weigh the former more.
+    store, parent, data, modes, decision = decide_execute
+    q = torch.as_tensor(data.label)
+    ratios = {}
+    for centre in (False, True):
+        trainer = PreferenceTrainer(store.load_policy(parent), data,
+                                    FinetuneConfig(method='rko', center_embeddings=centre),
+                                    progress=False)
+        idx = np.arange(len(data.label))
+        t, eps = trainer.policy.sample_timesteps_and_noise(len(idx))
+        _, _, z = trainer._errors(trainer._batch(idx), t, eps)
+        rng = np.random.default_rng(0)
+        dec_w, exe_w = [], []
+        for _ in range(100):
+            b = np.concatenate([rng.choice(np.flatnonzero(data.label > 0), 8),
+                                rng.choice(np.flatnonzero(data.label < 0), 8)])
+            s = rko_weights(z[b], q[b], 0.15).numpy()
+            loser = data.label[b] < 0
+            dec_w += list(s[loser & decision[b]])
+            exe_w += list(s[loser & ~decision[b]])
+        ratios[centre] = np.mean(dec_w) / np.mean(exe_w)
+    print('decision / execution loser weight, uncentred vs centred:', ratios)
+    assert ratios[True] >= 3.0 and ratios[True] > 2 * ratios[False], ratios
+
+
+def test_rko_at_least_as_fast_as_kto_when_episodes_decide_then_execute(decide_execute):
+    # Favoured-mode share of sampled decisions after 40 steps, five fine-tuning seeds. Measured
+    # when written: before 0.34; kto 0.50/0.42/0.69/0.63/0.63 (mean 0.57), rko 0.88/0.67/0.66/
+    # 0.72/0.77 (mean 0.74; with uncentred embeddings 0.70). On the one-scene task above the two
+    # are level, as the weights have nothing to tell apart there.
+    store, parent, data, modes, decision = decide_execute
+    idx = np.flatnonzero(decision)
+    sub = data.windows.subset(idx[np.arange(64) % len(idx)])
+    fractions = {'before': right_fraction(store.load_policy(parent), sub)}
+    for method in ('kto', 'rko'):
+        fractions[method] = []
+        for seed in range(5):
+            cfg = FinetuneConfig(method=method, steps=40, batch_size=16, eval_every=40,
+                                 patience=100, seed=seed)
+            version, _ = finetune(store, parent, data, cfg, progress=False)
+            fractions[method].append(right_fraction(store.load_policy(version), sub))
+    print('decide-then-execute favoured-mode fraction per seed:', fractions)
+    assert 0.2 <= fractions['before'] <= 0.8
+    for method in ('kto', 'rko'):
+        assert np.mean(fractions[method]) >= fractions['before'] + 0.15, fractions
+    assert np.mean(fractions['rko']) >= np.mean(fractions['kto']), fractions
 
 
 def test_new_version_card_and_files(pretrained, results):

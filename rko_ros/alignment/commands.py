@@ -27,6 +27,10 @@ def register(subparsers):
     p.add_argument('--lr', type=float, default=1e-4, help='AdamW learning rate (default 1e-4)')
     p.add_argument('--beta', type=float, help='implied-reward scale (default: per method)')
     p.add_argument('--tau', type=float, default=0.15, help='similarity temperature (rpo, rko)')
+    p.add_argument('--no-center-embeddings', action='store_true',
+                   help='rpo/rko: cosine of the raw reference embeddings; by default they are '
+                        'centred on the labelled windows\' mean first, so the weights can tell '
+                        'situations apart')
     p.add_argument('--utility', default='sigmoid', choices=['sigmoid', 'log_sigmoid'],
                    help='kto/rko value function (default sigmoid)')
     p.add_argument('--reduction', default='sum', choices=['sum', 'mean'],
@@ -110,6 +114,7 @@ def _finetune(args):
     spec = WindowSpec.from_config(policy_config, topics)
     cfg = FinetuneConfig(method=args.method, steps=args.steps, batch_size=args.batch_size,
                          lr=args.lr, beta=args.beta, tau=args.tau, utility=args.utility,
+                         center_embeddings=not args.no_center_embeddings,
                          reduction=args.reduction, eval_every=args.eval_every,
                          patience=args.patience, seed=args.seed, lambda_sft=args.lambda_sft,
                          lambda_fkl=args.lambda_fkl, lambda_behaviour=args.lambda_behaviour,
