@@ -266,13 +266,15 @@ class PreferenceTrainer:
         idx = np.concatenate([self.pos, self.neg])
         if len(idx) > max_windows:
             idx = np.random.default_rng(99).choice(idx, size=max_windows, replace=False)
-        total, count = None, 0
+        sums = [self.reference.encode_obs(batch['images'], batch['state']).sum(dim=0)
+                for _, batch in self._chunks(self.data.windows, idx, chunk)]
+        return (sum(sums) / len(idx)).detach()
+
+    def _chunks(self, source, idx, chunk=64):
+        """(slice into idx, collated batch of source[idx[slice]]) in chunks, for no-grad passes."""
         for start in range(0, len(idx), chunk):
-            batch = self._batch(idx[start:start + chunk])
-            z = self.reference.encode_obs(batch['images'], batch['state']).sum(dim=0)
-            total = z if total is None else total + z
-            count += len(idx[start:start + chunk])
-        return (total / count).detach()
+            sl = slice(start, start + chunk)
+            yield sl, collate(source, idx[sl], self.device)
 
     def loss(self, step_rng_batch=None):
         cfg = self.cfg
@@ -389,9 +391,7 @@ class PreferenceTrainer:
         for m in models:
             m.eval()
         errors = [[] for _ in models]
-        for start in range(0, len(idx), 64):
-            sl = slice(start, start + 64)
-            batch = collate(source, idx[sl], self.device)
+        for sl, batch in self._chunks(source, idx):
             for out, m in zip(errors, models):
                 out.append(m.denoise_error(batch, t[sl], eps[sl], reduction))
         for m, mode in zip(models, modes):

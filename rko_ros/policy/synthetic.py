@@ -22,6 +22,13 @@ def mode_trajectory(mode, horizon, action_dim, rng=None, noise=0.02):
     return action
 
 
+def _scene(h, w):
+    """(3, H, W) uint8: the one scene of the two-mode task, a grey square on black."""
+    image = np.zeros((3, h, w), dtype=np.uint8)
+    image[:, h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 180
+    return image
+
+
 def make_two_mode_windows(config, n=256, seed=0, modes=None):
     """n windows with identical observations; actions split evenly between LEFT and RIGHT.
 
@@ -30,9 +37,7 @@ def make_two_mode_windows(config, n=256, seed=0, modes=None):
     rng = np.random.default_rng(seed)
     obs, act = config.obs, config.action
     h, w = obs.image_size_px
-    image = np.zeros((3, h, w), dtype=np.uint8)
-    image[:, h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 180
-    images = np.broadcast_to(image, (n, obs.n_obs_steps, len(obs.camera_names), 3, h, w)).copy()
+    images = np.broadcast_to(_scene(h, w), (n, obs.n_obs_steps, len(obs.camera_names), 3, h, w)).copy()
     state = np.zeros((n, obs.n_obs_steps, obs.state_dim), dtype=np.float32)
     if modes is None:
         modes = np.arange(n) % 2
@@ -66,8 +71,7 @@ def make_decide_execute_windows(config, n_episodes=32, execute_windows=3, seed=0
     if modes is None:
         modes = np.arange(n_episodes) % 2
     modes = np.asarray(modes)
-    base = np.zeros((3, h, w), dtype=np.uint8)
-    base[:, h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 180
+    base = _scene(h, w)
     per_episode = 1 + int(execute_windows)
     images, states, actions, window_modes, decision, episode = [], [], [], [], [], []
     s = np.linspace(0.0, 1.0, act.horizon, dtype=np.float32)
