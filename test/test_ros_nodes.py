@@ -6,13 +6,18 @@ import time
 
 import cv2
 import numpy as np
+import pytest
+import rclpy
 from diagnostic_msgs.msg import DiagnosticStatus
+from rclpy._rclpy_pybind11 import RCLError
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, JointState
 from std_msgs.msg import Float64MultiArray
 from std_srvs.srv import Trigger
 
 from rko_ros.episodes.catalog import Catalog
+from rko_ros.ros.params import spin
 from ros_testing import Client, NodeProcess, add_version, status_values
 
 
@@ -80,3 +85,23 @@ def test_policy_without_a_model_holds_until_reload_then_acts_on_jpeg(tmp_path):
     finally:
         client.close()
         assert proc.stop() == 0, proc.output()
+
+
+class _WaitSetFails(SingleThreadedExecutor):
+    """A real executor whose spin fails the way rclpy's does when a signal shuts the context down
+    between its shutdown check and the next wait set."""
+
+    def spin(self):
+        raise RCLError('failed to initialize wait set: the given context is not valid')
+
+
+def test_spin_treats_a_wait_set_failure_after_shutdown_as_the_shutdown():
+    context = rclpy.Context()
+    context.init()
+    executor = _WaitSetFails(context=context)
+    try:
+        with pytest.raises(RCLError):      # context still valid: a real failure, raised
+            spin(executor)
+    finally:
+        context.shutdown()
+    assert spin(executor) is None           # context shut down: that is the shutdown

@@ -108,6 +108,7 @@ def build_nodes(data_dir, which=NODES, sim=False):
 def _up(args):
     import rclpy
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rko_ros.ros.params import spin
     config = args.config or default_config_path()
     nodes = []
     try:
@@ -120,7 +121,7 @@ def _up(args):
                   f'(data {os.path.abspath(args.data_dir)}); Ctrl-C stops', file=sys.stderr,
                   flush=True)
             try:
-                executor.spin()
+                spin(executor)
             finally:
                 for node in nodes:
                     if hasattr(node, 'close'):

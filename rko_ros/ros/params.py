@@ -85,6 +85,17 @@ def flat_limits(node_name, values, n):
     return pairs
 
 
+def spin(executor):
+    """`executor.spin()` until shutdown. A signal can shut the context down between rclpy's own
+    shutdown check and the next wait set, which then fails with RCLError ('context is not
+    valid'): with the context gone that is the shutdown, not a failure, and exits as one."""
+    try:
+        executor.spin()
+    except RuntimeError:
+        if executor.context.ok():
+            raise
+
+
 def run_node(node_factory, args=None, executor_threads=None):
     """The shared `main`: init, build the node (ConfigError: one line, exit 2), spin, shut down."""
     import rclpy
@@ -99,7 +110,7 @@ def run_node(node_factory, args=None, executor_threads=None):
             executor = MultiThreadedExecutor(num_threads=executor_threads)
             executor.add_node(node)
             try:
-                executor.spin()
+                spin(executor)
             finally:
                 close = getattr(node, 'close', None)
                 if close:

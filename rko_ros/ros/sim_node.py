@@ -17,7 +17,7 @@ import numpy as np
 import rclpy
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
-from rclpy.executors import ExternalShutdownException
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image, JointState
@@ -26,6 +26,7 @@ from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
 from rko_ros.errors import ConfigError
+from rko_ros.ros.params import spin
 from rko_ros.sim.task import JOINT_NAMES, ClothFoldTask, TaskConfig
 
 ACTION_TYPES = ('joint_trajectory', 'float64_multi_array')
@@ -248,7 +249,9 @@ def main(args=None):
             except ConfigError as exc:
                 print(f'sim_node: error: {exc}', file=sys.stderr)
                 return 2
-            rclpy.spin(node)
+            executor = SingleThreadedExecutor()
+            executor.add_node(node)
+            spin(executor)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     return 0
