@@ -32,3 +32,26 @@ def test_every_subcommand_has_help(command, capsys):
         cli.main(command + ['--help'])
     assert exc.value.code == 0
     assert 'usage: rko' in capsys.readouterr().out
+
+
+@pytest.mark.skipif(__import__('torch').cuda.is_available(), reason='needs a machine without a GPU')
+@pytest.mark.parametrize('command', [['train', '--synthetic', '--steps', '2'],
+                                     ['demo', '--quick'], ['finetune'],
+                                     ['bench', 'alignment', '--quick']])
+def test_device_cuda_without_a_gpu_is_one_clean_error_before_any_work(command, tmp_path, capsys):
+    args = command + ['--device', 'cuda']
+    if command[0] == 'train':
+        args += ['--out', str(tmp_path / 'c.pt')]
+    elif command[0] == 'finetune':
+        args += ['--data-dir', str(tmp_path)]
+    else:
+        args += ['--out', str(tmp_path / 'out')]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "device 'cuda' asked for" in err and '--device cpu' in err
+    assert list(tmp_path.iterdir()) == []          # nothing written
+
+
+def test_device_that_is_not_a_torch_device_is_named_in_the_error(tmp_path, capsys):
+    assert cli.main(['train', '--synthetic', '--device', 'gpu0', '--out', str(tmp_path / 'c.pt')]) == 2
+    assert "device 'gpu0' is not a torch device" in capsys.readouterr().err

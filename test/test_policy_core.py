@@ -179,6 +179,22 @@ def test_config_validation_names_field_and_value():
         PolicyConfig.preset('huge')
     round_trip = PolicyConfig.from_dict(PolicyConfig.preset('default').to_dict())
     assert round_trip == PolicyConfig.preset('default')
+    with pytest.raises(ConfigError, match='encoder_strides=\\(1, 2\\) needs one stride'):
+        PolicyConfig.preset('small', model={'encoder_strides': [1, 2]})
+
+
+def test_encoder_strides_set_the_keypoint_resolution_and_survive_a_checkpoint(tmp_path):
+    image = torch.zeros(1, 3, 64, 64)
+    default = DiffusionPolicy(PolicyConfig.preset('small'))
+    assert default.encoders[0].trunk(image).shape[-2:] == (8, 8)     # stem /2, stages 1, 2, 2
+    fine_cfg = PolicyConfig.preset('small', model={'encoder_strides': [1, 2, 1]})
+    fine = DiffusionPolicy(fine_cfg)
+    assert fine.encoders[0].trunk(image).shape[-2:] == (16, 16)
+    assert fine.num_parameters() == default.num_parameters()         # same weights, finer map
+    save_checkpoint(str(tmp_path / 'c.pt'), fine)
+    loaded = load_checkpoint(str(tmp_path / 'c.pt'))
+    assert loaded.config.model.encoder_strides == (1, 2, 1)
+    assert loaded.encoders[0].trunk(image).shape[-2:] == (16, 16)
 
 
 def test_bench_inference_prints_json(capsys):

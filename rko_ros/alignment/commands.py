@@ -103,7 +103,9 @@ def _finetune(args):
     from rko_ros.episodes.catalog import Catalog
     from rko_ros.episodes.dataset import WindowSpec, load_labelled, load_windows
     from rko_ros.policy.store import ModelStore
+    from rko_ros.policy.train import check_device
 
+    args.device = check_device(args.device)   # before reading any bag
     store = ModelStore(args.data_dir)
     parent = args.from_version or store.active_version()
     if parent is None:

@@ -73,7 +73,7 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
                                         lambda_sft=cfg.lambda_sft,
                                         guard_tolerance=cfg.guard_tolerance)
                     version, summary = finetune(store, parent, data, fc, behaviour=behaviour,
-                                                progress=False)
+                                                device=cfg.device, progress=False)
                     row.update(evaluate_version(cfg, store.version_dir(version), eval_episodes, seed=s))
                     row['version'] = version
                 except GuardRejected as exc:

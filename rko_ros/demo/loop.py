@@ -31,7 +31,8 @@ def write_demo_params(path, cfg, base_config):
     trainer = params.setdefault('/**/trainer_node', {}).setdefault('ros__parameters', {})
     trainer.update({'method': cfg.method, 'steps': int(cfg.finetune_steps), 'auto_reload': True,
                     'extra_args': ['--batch-size', str(cfg.batch_size // 2),
-                                   '--seed', str(cfg.seed), '--lambda-sft', repr(cfg.lambda_sft)] +
+                                   '--seed', str(cfg.seed), '--lambda-sft', repr(cfg.lambda_sft),
+                                   '--device', cfg.device] +
                    (['--no-guard'] if cfg.guard_tolerance is None else
                     ['--guard-tolerance', repr(cfg.guard_tolerance)])})
     with open(path, 'w') as f:

@@ -31,6 +31,7 @@ class DemoConfig:
     finetune_steps: int = 300
     lambda_sft: float = 1.0      # BC anchor on the desirable windows (see FinetuneConfig)
     guard_tolerance: float = 0.5  # execution guard of model selection (FinetuneConfig); None = off
+    device: str = 'cpu'           # torch device of pretraining and fine-tuning ('cuda' on a GPU box)
     seed: int = 0
 
     @classmethod
@@ -101,7 +102,10 @@ def pretrain(cfg, episode_ids, progress=True):
     torch.manual_seed(cfg.seed)
     policy_config = cfg.policy_config()
     windows = load_windows(cfg.data_dir, episode_ids, window_spec(policy_config), progress=False)
-    ema, metrics = train_bc(DiffusionPolicy(policy_config), windows, progress=progress)
+    ema, metrics = train_bc(DiffusionPolicy(policy_config), windows, progress=progress,
+                            device=cfg.device)
+    ema = ema.cpu()
+    metrics['device'] = cfg.device
     store = ModelStore(cfg.data_dir)
     version = store.write_version(ema, parent=None, method='pretrain', activate=True,
                                   card_extra={'episodes': list(episode_ids), 'metrics': metrics})

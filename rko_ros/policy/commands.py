@@ -29,6 +29,9 @@ def register(subparsers):
     p.add_argument('--steps', type=int, help='training steps (default from the config)')
     p.add_argument('--batch-size', type=int, help='batch size (default from the config)')
     p.add_argument('--out', help='write only a checkpoint here instead of a model version')
+    p.add_argument('--device', default='cpu',
+                   help="torch device to train on, e.g. 'cuda' (default cpu); the written model is "
+                        'the same either way')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     p.add_argument('--json', action='store_true', help='print one JSON line with the result')
     p.set_defaults(func=_train)
@@ -52,6 +55,10 @@ def register_bench(bench_subparsers):
     p.add_argument('--preset', default='small', choices=['small', 'default'])
     p.add_argument('--repeats', type=int, default=30, help='timed runs per engine (default 30)')
     p.add_argument('--device', default='cpu', help="torch device for the eager side (e.g. 'cuda')")
+    p.add_argument('--providers', default=None,
+                   help='comma-separated ONNX Runtime execution providers in order of preference '
+                        '(e.g. CUDAExecutionProvider,CPUExecutionProvider); default: the fastest '
+                        'present (TensorRT, CUDA, CPU)')
     p.add_argument('--json', action='store_true', help='print one JSON line')
     p.set_defaults(func=_bench_inference)
 
@@ -60,8 +67,9 @@ def _train(args):
     import numpy as np
     from rko_ros.policy.config import PolicyConfig
     from rko_ros.policy.model import DiffusionPolicy
-    from rko_ros.policy.train import train_bc
+    from rko_ros.policy.train import check_device, train_bc
 
+    device = check_device(args.device)   # before loading any bag
     cfg = PolicyConfig.from_yaml(args.config) if args.config else PolicyConfig.preset(args.preset)
     if args.steps:
         cfg.train.steps = args.steps
@@ -84,7 +92,9 @@ def _train(args):
         spec = WindowSpec.from_config(cfg, {'cameras': args.camera_topics})
         windows = load_windows(args.data_dir, episode_ids, spec, progress=not args.no_progress)
     policy = DiffusionPolicy(cfg)
-    ema, metrics = train_bc(policy, windows, progress=not args.no_progress)
+    ema, metrics = train_bc(policy, windows, progress=not args.no_progress, device=device)
+    ema = ema.cpu()
+    metrics['device'] = device
     if args.out:
         from rko_ros.policy.checkpoint import save_checkpoint
         save_checkpoint(args.out, ema, extra={'metrics': metrics})
@@ -115,7 +125,7 @@ def _export(args):
     return 0
 
 
-def bench_inference(preset='small', repeats=30, device='cpu'):
+def bench_inference(preset='small', repeats=30, device='cpu', providers=None):
     import statistics
     import tempfile
     import time
@@ -139,7 +149,7 @@ def bench_inference(preset='small', repeats=30, device='cpu'):
     with tempfile.TemporaryDirectory() as tmp:
         card = export_onnx(policy, os.path.join(tmp, 'policy.onnx'), version='bench')
         write_card(os.path.join(tmp, 'card.yaml'), card)
-        runtime = PolicyRuntime(tmp)
+        runtime = PolicyRuntime(tmp, providers=providers)
         torch_policy = policy.to(device)
         t_images, t_state, t_noise = (torch.as_tensor(x, device=device) for x in (images, state, noise))
 
@@ -171,7 +181,8 @@ def bench_inference(preset='small', repeats=30, device='cpu'):
 
 
 def _bench_inference(args):
-    result = bench_inference(args.preset, args.repeats, args.device)
+    providers = [p.strip() for p in args.providers.split(',') if p.strip()] if args.providers else None
+    result = bench_inference(args.preset, args.repeats, args.device, providers)
     if args.json:
         print(json.dumps(result))
     else:

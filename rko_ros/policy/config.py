@@ -70,6 +70,9 @@ class ActionConfig:
 class ModelConfig:
     encoder_channels: Tuple[int, ...] = (16, 32, 64)   # ResNet-style stages, stride 2 each
     encoder_blocks_per_stage: int = 1
+    # Stride of each stage's first block; () = (1, 2, 2, ...) as in ResNet. A stride of 1 in the
+    # last stage doubles the resolution the spatial-softmax keypoints are read at (finer localisation).
+    encoder_strides: Tuple[int, ...] = ()
     feature_dim: int = 64          # per-camera feature after spatial-softmax keypoints + linear
     down_dims: Tuple[int, ...] = (64, 128, 256)       # ConditionalUnet1D widths
     kernel_size: int = 5
@@ -78,6 +81,12 @@ class ModelConfig:
 
     def __post_init__(self):
         self.encoder_channels = tuple(int(c) for c in self.encoder_channels)
+        self.encoder_strides = tuple(int(c) for c in self.encoder_strides)
+        _check(not self.encoder_strides or (
+            len(self.encoder_strides) == len(self.encoder_channels)
+            and all(st in (1, 2) for st in self.encoder_strides)),
+            f'model.encoder_strides={self.encoder_strides} needs one stride (1 or 2) per stage of '
+            f'encoder_channels={self.encoder_channels}, or () for the default')
         self.down_dims = tuple(int(c) for c in self.down_dims)
         _check(len(self.encoder_channels) >= 1, 'model.encoder_channels is empty')
         for c in self.encoder_channels + self.down_dims:

@@ -56,14 +56,15 @@ class SpatialSoftmax(nn.Module):
 class ImageEncoder(nn.Module):
     """One camera's frames (B, 3, H, W) uint8-scaled floats -> features (B, feature_dim)."""
 
-    def __init__(self, channels, blocks_per_stage, feature_dim, groups):
+    def __init__(self, channels, blocks_per_stage, feature_dim, groups, strides=()):
         super().__init__()
+        strides = tuple(strides) or (1,) + (2,) * (len(channels) - 1)
         layers = [nn.Conv2d(3, channels[0], 5, 2, 2, bias=False), nn.GroupNorm(groups, channels[0]),
                   nn.ReLU()]
         c_prev = channels[0]
         for i, c in enumerate(channels):
             for j in range(blocks_per_stage):
-                layers.append(ResidualBlock2d(c_prev, c, 2 if (j == 0 and i > 0) else 1, groups))
+                layers.append(ResidualBlock2d(c_prev, c, strides[i] if j == 0 else 1, groups))
                 c_prev = c
         self.trunk = nn.Sequential(*layers)
         self.pool = SpatialSoftmax(c_prev, feature_dim // 2)
@@ -178,7 +179,7 @@ class DiffusionPolicy(nn.Module):
         self.action_normalizer = Normalizer(act.action_dim)
         self.encoders = nn.ModuleList([
             ImageEncoder(mdl.encoder_channels, mdl.encoder_blocks_per_stage, mdl.feature_dim,
-                         mdl.n_groups) for _ in obs.camera_names])
+                         mdl.n_groups, mdl.encoder_strides) for _ in obs.camera_names])
         self.obs_feature_dim = len(obs.camera_names) * mdl.feature_dim + obs.state_dim
         self.global_cond_dim = obs.n_obs_steps * self.obs_feature_dim
         self.unet = ConditionalUnet1D(act.action_dim, self.global_cond_dim, mdl.down_dims,

@@ -73,10 +73,30 @@ def ema_update(ema, model, decay):
         b_ema.copy_(b)
 
 
+def check_device(device):
+    """`device` as torch takes it, or a TrainingError that says what is wrong before any work."""
+    device = str(device or 'cpu')
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:
+        raise TrainingError(f"device '{device}' is not a torch device (e.g. 'cpu', 'cuda', "
+                            f"'cuda:1'): {exc}") from exc
+    if parsed.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise TrainingError(f"device '{device}' asked for, but this torch ({torch.__version__}) "
+                                f'sees no CUDA GPU: install the CUDA build of torch on a GPU '
+                                f"machine, or use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise TrainingError(f"device '{device}': only {torch.cuda.device_count()} CUDA "
+                                f'device(s) here')
+    return device
+
+
 def train_bc(policy, windows, train_cfg=None, progress=True, fit_normalizer=True, device='cpu',
              log_every=50, on_step=None):
     """Train `policy` in place and return (ema_policy, metrics). The EMA copy is the one to export."""
     cfg = train_cfg or policy.config.train
+    device = check_device(device)
     if len(windows) == 0:
         raise TrainingError('no training windows: record or generate episodes first '
                             '(`rko episodes list` shows what is there)')
