@@ -35,3 +35,40 @@ def test_quick_demo_runs_the_loop_end_to_end(tmp_path):
     report = os.listdir(summary['report_dir'])
     assert 'before_after.png' in report and 'summary.json' in report
     assert any(name.startswith('after_episode') for name in report)
+
+
+def test_every_style_is_demonstrated_on_the_same_cloth_placements():
+    """A placement of its own per style lets the policy learn style = f(placement)."""
+    import numpy as np
+    from rko_ros.demo.offline import collect_demonstrations
+    from rko_ros.sim.task import TaskConfig
+    task = TaskConfig(image_size_px=(32, 32))
+    styles = ('left_to_right', 'right_to_left')
+    shared = collect_demonstrations(task, styles, 2)
+    assert [e['style'] for e in shared] == list(styles) * 2
+    for i in range(2):
+        a, b = shared[2 * i], shared[2 * i + 1]
+        assert np.array_equal(a['images'][0], b['images'][0])            # same cloth, same pose
+        assert a['result'].style == 'left_to_right' and b['result'].style == 'right_to_left'
+    assert not np.array_equal(shared[0]['images'][0], shared[2]['images'][0])   # next placement
+    own = collect_demonstrations(task, styles, 1, shared_poses=False)
+    assert not np.array_equal(own[0]['images'][0], own[1]['images'][0])
+
+
+def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
+    import yaml
+    from rko_ros.demo.loop import write_demo_params
+    from rko_ros.demo.pipeline import DemoConfig
+    from rko_ros.ros.commands import default_config_path
+    cfg = DemoConfig(lambda_u=0.25, lambda_sft=2.0, device='cpu', guard_tolerance=None)
+    path = write_demo_params(str(tmp_path / 'p.yaml'), cfg, default_config_path())
+    with open(path) as f:
+        extra = yaml.safe_load(f)['/**/trainer_node']['ros__parameters']['extra_args']
+    pairs = dict(zip(extra[:-1], extra[1:]))
+    assert pairs['--lambda-u'] == '0.25' and pairs['--lambda-sft'] == '2.0'
+    assert pairs['--device'] == 'cpu' and extra[-1] == '--no-guard'
+    import pytest
+    from rko_ros.alignment.trainer import FinetuneConfig
+    from rko_ros.errors import TrainingError
+    with pytest.raises(TrainingError, match='lambda_u=-1'):
+        FinetuneConfig(lambda_u=-1.0)

@@ -92,7 +92,7 @@ class FinetuneConfig:
             raise TrainingError(f"reduction '{self.reduction}' must be 'sum' or 'mean'")
         if not 0.0 <= self.ema_decay < 1.0:
             raise TrainingError(f'ema_decay={self.ema_decay} must be in [0, 1) (0 = off)')
-        for name in ('lambda_sft', 'lambda_behaviour', 'lambda_fkl'):
+        for name in ('lambda_sft', 'lambda_behaviour', 'lambda_fkl', 'lambda_d', 'lambda_u'):
             if getattr(self, name) < 0:
                 raise TrainingError(f'{name}={getattr(self, name)} must be >= 0')
         if self.guard_windows not in ('desirable', 'behaviour'):

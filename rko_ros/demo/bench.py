@@ -70,7 +70,7 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
                 try:
                     fc = FinetuneConfig(method=method, steps=cfg.finetune_steps,
                                         batch_size=max(4, cfg.batch_size // 2), seed=cfg.seed + s,
-                                        lambda_sft=cfg.lambda_sft,
+                                        lambda_sft=cfg.lambda_sft, lambda_u=cfg.lambda_u,
                                         guard_tolerance=cfg.guard_tolerance)
                     version, summary = finetune(store, parent, data, fc, behaviour=behaviour,
                                                 device=cfg.device, progress=False)

@@ -28,8 +28,11 @@ def register(subparsers):
     p.add_argument('--label-episodes', type=int, help='episodes the operator labels (before)')
     p.add_argument('--eval-episodes', type=int, help='episodes run after the hot swap')
     p.add_argument('--finetune-steps', type=int, help='fine-tuning steps')
+    p.add_argument('--lambda-u', type=float,
+                   help='weight of the undesirable term of kto/rko (default 0.25; 1 = as published; '
+                        'see `rko finetune --help`)')
     p.add_argument('--lambda-sft', type=float,
-                   help='BC anchor weight during fine-tuning (default 1.0; 0 = the loss as published)')
+                   help='BC anchor weight during fine-tuning (default 4.0; 0 = the loss as published)')
     _guard_args(p, '0.5')
     p.add_argument('--seed', type=int, default=0)
     _device_arg(p)
@@ -62,6 +65,8 @@ def register_bench(bench_subparsers):
                    help='scripted demonstrations per style (default %(default)s)')
     p.add_argument('--preferred-style', default='left_to_right',
                    help='the simulated operator\'s style (default %(default)s)')
+    p.add_argument('--lambda-u', type=float, default=1.0,
+                   help='weight of the undesirable term of kto/rko (default 1.0, as published)')
     p.add_argument('--lambda-sft', type=float, default=0.0,
                    help='BC anchor weight for every method (default 0: the losses as published)')
     _guard_args(p, 'off, the methods as published')
@@ -98,6 +103,7 @@ def _config(args):
         'eval_episodes': getattr(args, 'eval_episodes', None),
         'finetune_steps': args.finetune_steps,
         'lambda_sft': getattr(args, 'lambda_sft', None),
+        'lambda_u': getattr(args, 'lambda_u', None),
         'guard_tolerance': args.guard_tolerance,
         'device': getattr(args, 'device', None)}.items() if v is not None}
     if 'device' in overrides:

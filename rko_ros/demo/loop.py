@@ -32,6 +32,7 @@ def write_demo_params(path, cfg, base_config):
     trainer.update({'method': cfg.method, 'steps': int(cfg.finetune_steps), 'auto_reload': True,
                     'extra_args': ['--batch-size', str(cfg.batch_size // 2),
                                    '--seed', str(cfg.seed), '--lambda-sft', repr(cfg.lambda_sft),
+                                   '--lambda-u', repr(cfg.lambda_u),
                                    '--device', cfg.device] +
                    (['--no-guard'] if cfg.guard_tolerance is None else
                     ['--guard-tolerance', repr(cfg.guard_tolerance)])})

@@ -27,13 +27,22 @@ def episode_windows(images, states, actions, n_obs_steps, horizon):
         np.asarray(actions, np.float32)[act_idx]
 
 
-def collect_demonstrations(task_config, styles, episodes_per_style, seed=0, noise=1.0, progress=None):
-    """Scripted folds in every style: a list of rollout dicts (images, state, action, result, style)."""
+def collect_demonstrations(task_config, styles, episodes_per_style, seed=0, noise=1.0, progress=None,
+                           shared_poses=True):
+    """Scripted folds in every style: a list of rollout dicts (images, state, action, result, style).
+
+    `shared_poses`: every style is demonstrated on the same cloth placements (seed + i), so the
+    cloth's pose says nothing about the style. With a placement of its own per demonstration, a
+    policy trained on 20 per style learns style = f(placement): on new cloths its style follows
+    the nearest demonstrated placement (19 of 20 rollouts kept their style under new diffusion
+    noise), and labels then move the style only near the labelled placements.
+    """
     task = ClothFoldTask(task_config)
     episodes = []
     for i in range(episodes_per_style):
         for j, style in enumerate(styles):
-            episodes.append(demo_episode(task, style, seed=seed + 1000 * j + i, noise=noise))
+            cloth = seed + i if shared_poses else seed + 1000 * j + i
+            episodes.append(demo_episode(task, style, seed=cloth, noise=noise))
             if progress is not None:
                 progress.update(1)
     return episodes
@@ -121,9 +130,15 @@ def torch_predictor(policy):
 
 def evaluate_policy(predict, card_like, task_config, seeds, batch=10, record_images=False,
                     seed=0, extra_sizes=()):
-    """Roll out `predict` on the cloth for each seed; returns the rollout dicts (with `result`)."""
+    """Roll out `predict` on the cloth for each seed; returns the rollout dicts (with `result`).
+
+    The diffusion noise is drawn from (`seed`, first cloth seed), so stages with disjoint cloth
+    seeds (labelling, evaluation) get independent noise rather than one replayed stream.
+    """
+    noise_seed = [int(seed), int(seeds[0]) if len(seeds) else 0]
     runner = BatchedChunkPolicy(predict, card_like['n_obs_steps'], card_like['horizon'],
-                                len(card_like['action_names']), card_like['n_action_steps'], seed=seed)
+                                len(card_like['action_names']), card_like['n_action_steps'],
+                                seed=noise_seed)
     episodes = []
     for start in range(0, len(seeds), batch):
         chunk_seeds = list(seeds[start:start + batch])

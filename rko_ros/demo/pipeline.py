@@ -29,7 +29,12 @@ class DemoConfig:
     eval_episodes: int = 20
     method: str = 'rko'
     finetune_steps: int = 300
-    lambda_sft: float = 1.0      # BC anchor on the desirable windows (see FinetuneConfig)
+    # Fine-tuning weights. With 4-5 desirable of 20 labels the published weights (lambda_u 1, no
+    # anchor) pushed away from the bad episodes so hard that execution broke (13 of 20 folds
+    # 'none'); offline on that run's labels: lambda_u 1 / lambda_sft 1 12.5% preferred-style
+    # success, 0.25 / 1 35%, 1 / 4 37.5%, 0.25 / 4 42.5% (kto 37.5%).
+    lambda_sft: float = 4.0      # BC anchor on the desirable windows (see FinetuneConfig)
+    lambda_u: float = 0.25       # weight of the undesirable (KTO/RKO) term
     guard_tolerance: float = 0.5  # execution guard of model selection (FinetuneConfig); None = off
     device: str = 'cpu'           # torch device of pretraining and fine-tuning ('cuda' on a GPU box)
     seed: int = 0
