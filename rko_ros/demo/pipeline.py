@@ -29,8 +29,8 @@ class DemoConfig:
     eval_episodes: int = 20
     method: str = 'rko'
     finetune_steps: int = 300
-    # Fine-tuning weights. With 4-5 desirable of 20 labels the published weights (lambda_u 1, no
-    # anchor) pushed away from the bad episodes so hard that execution broke (13 of 20 folds
+    # Fine-tuning weights. With 4-5 desirable of 20 labels lambda_u 1 (as published) with
+    # lambda_sft 1 pushed away from the bad episodes so hard that execution broke (13 of 20 folds
     # 'none'); offline on that run's labels: lambda_u 1 / lambda_sft 1 12.5% preferred-style
     # success, 0.25 / 1 35%, 1 / 4 37.5%, 0.25 / 4 42.5% (kto 37.5%).
     lambda_sft: float = 4.0      # BC anchor on the desirable windows (see FinetuneConfig)
@@ -109,8 +109,6 @@ def pretrain(cfg, episode_ids, progress=True):
     windows = load_windows(cfg.data_dir, episode_ids, window_spec(policy_config), progress=False)
     ema, metrics = train_bc(DiffusionPolicy(policy_config), windows, progress=progress,
                             device=cfg.device)
-    ema = ema.cpu()
-    metrics['device'] = cfg.device
     store = ModelStore(cfg.data_dir)
     version = store.write_version(ema, parent=None, method='pretrain', activate=True,
                                   card_extra={'episodes': list(episode_ids), 'metrics': metrics})

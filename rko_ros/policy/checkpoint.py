@@ -12,9 +12,11 @@ FORMAT = 'rko_ros.policy/1'
 
 
 def save_checkpoint(path, policy, extra=None):
-    """Write `policy` (its weights are the ones used for inference, e.g. the EMA copy) to `path`."""
+    """Write `policy` (its weights are the ones used for inference, e.g. the EMA copy) to `path`.
+    The weights are stored as CPU tensors, whatever device the policy trained on."""
+    state = {k: v.detach().cpu() for k, v in policy.state_dict().items()}
     payload = {'format': FORMAT, 'config': policy.config.to_dict(),
-               'state_dict': policy.state_dict(), 'extra': dict(extra or {})}
+               'state_dict': state, 'extra': dict(extra or {})}
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix='.checkpoint-', suffix='.tmp', dir=directory)

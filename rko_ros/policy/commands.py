@@ -93,8 +93,6 @@ def _train(args):
         windows = load_windows(args.data_dir, episode_ids, spec, progress=not args.no_progress)
     policy = DiffusionPolicy(cfg)
     ema, metrics = train_bc(policy, windows, progress=not args.no_progress, device=device)
-    ema = ema.cpu()
-    metrics['device'] = device
     if args.out:
         from rko_ros.policy.checkpoint import save_checkpoint
         save_checkpoint(args.out, ema, extra={'metrics': metrics})

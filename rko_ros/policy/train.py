@@ -142,4 +142,4 @@ def train_bc(policy, windows, train_cfg=None, progress=True, fit_normalizer=True
     ema.eval()
     tail = losses[-max(1, len(losses) // 10):]
     return ema, {'steps': cfg.steps, 'final_loss': float(np.mean(tail)), 'first_loss': losses[0],
-                 'windows': len(windows)}
+                 'windows': len(windows), 'device': device}
