@@ -194,6 +194,7 @@ def test_the_cell_holds_after_the_episode_ends(context):
     ('control_rate_hz', 1000.0, 'control_rate_hz'),
     ('control_rate_hz', 10, 'give a float'),
     ('camera_topic', ' ', 'camera_topic'),
+    ('camera_view_m', 0.05, 'camera_view_m'),
 ])
 def test_bad_parameters_stop_the_node(context, name, value, expected):
     with pytest.raises(ConfigError, match=expected):

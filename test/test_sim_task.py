@@ -171,6 +171,20 @@ def test_render_draws_gripper_marker(task):
     assert abs(cols.mean() - 320) < 5 and rows.mean() > 400
 
 
+def test_camera_view_sets_the_image_scale():
+    # The cloth's share of the image grows with the square of the zoom; a bad view is refused.
+    wide, close = ClothFoldTask(view_m=0.60), ClothFoldTask(view_m=0.45)
+    wide.reset(3)
+    close.reset(3)
+    ratio = (_colour_fraction(close.render((240, 240)), FRONT_RGB)
+             / _colour_fraction(wide.render((240, 240)), FRONT_RGB))
+    assert ratio == pytest.approx((0.60 / 0.45) ** 2, rel=0.05)
+    with pytest.raises(ConfigError, match='view_m'):
+        ClothFoldTask(view_m=0.01)
+    with pytest.raises(ConfigError, match='view_m'):
+        render(wide.sim, (64, 64), view_m=50.0)
+
+
 def test_operator_labels_and_prefers():
     operator = SimulatedOperator('diagonal', quality_threshold=0.7)
     good = FoldResult('diagonal', 0.85, True)

@@ -24,8 +24,9 @@ def write_demo_params(path, cfg, base_config):
         params = yaml.safe_load(f) or {}
     h, w = cfg.image_size_px
     sim = params.setdefault('/**/sim_node', {}).setdefault('ros__parameters', {})
+    task = cfg.task_config()
     sim.update({'image_width_px': int(w), 'image_height_px': int(h), 'seed': int(cfg.seed) + 200_000,
-                'episode_ticks': int(cfg.task_config().episode_ticks)})
+                'episode_ticks': int(task.episode_ticks), 'camera_view_m': float(task.view_m)})
     policy = params.setdefault('/**/policy_node', {}).setdefault('ros__parameters', {})
     policy.update({'enabled': False})
     trainer = params.setdefault('/**/trainer_node', {}).setdefault('ros__parameters', {})

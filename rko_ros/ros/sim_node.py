@@ -27,6 +27,7 @@ from trajectory_msgs.msg import JointTrajectory
 
 from rko_ros.errors import ConfigError
 from rko_ros.ros.params import spin
+from rko_ros.sim.render import VIEW_M
 from rko_ros.sim.task import JOINT_NAMES, ClothFoldTask, TaskConfig
 
 ACTION_TYPES = ('joint_trajectory', 'float64_multi_array')
@@ -60,6 +61,8 @@ PARAMETERS = {
     'joint_state_rate_hz': _float('rate of published joint states', 30.0, 0.5, 500.0),
     'image_width_px': _int('camera image width', 64, 8, 4096),
     'image_height_px': _int('camera image height', 64, 8, 4096),
+    'camera_view_m': _float('metres of table across the camera image\'s shorter side (the '
+                            'policy must be trained on the same view)', VIEW_M, 0.1, 5.0),
     'episode_ticks': _int('control ticks in one episode (reported by sim/evaluate)',
                           50, 1, 100000),
     'seed': _int('seed of the first episode; each sim/reset uses the next one', 0, 0, 2 ** 31 - 1),
@@ -100,7 +103,7 @@ class SimNode(Node):
         self.params = self._declare_and_validate()
         p = self.params
         self.task = ClothFoldTask(TaskConfig(
-            image_size_px=(p['image_height_px'], p['image_width_px']),
+            image_size_px=(p['image_height_px'], p['image_width_px']), view_m=p['camera_view_m'],
             control_rate_hz=p['control_rate_hz'], episode_ticks=p['episode_ticks'],
             quality_threshold=p['quality_threshold']))
         self._next_seed = p['seed']

@@ -18,7 +18,7 @@ BACK_RGB = (235, 165, 60)      # the underside, seen only where the cloth is fol
 EDGE_DARKEN = 0.55
 GRIPPER_RGB = (220, 30, 40)
 RELIEF_SHADING = 0.4          # vertical scale used for shading normals
-VIEW_M = 0.60                  # the shorter image side shows this many metres of table
+VIEW_M = 0.60                  # default: the shorter image side shows this many metres of table
 _LIGHT = np.array([-0.35, 0.45, 1.0]) / np.linalg.norm([-0.35, 0.45, 1.0])
 _SUBPIXEL_BITS = 4
 
@@ -66,12 +66,16 @@ def _mesh(n):
 _CACHE = {}
 
 
-def render(sim, size_px=(64, 64), draw_gripper=True):
-    """Render `sim` (a ClothSim) to an (H, W, 3) uint8 RGB image seen from above."""
+def render(sim, size_px=(64, 64), draw_gripper=True, view_m=None):
+    """Render `sim` (a ClothSim) to an (H, W, 3) uint8 RGB image seen from above; the shorter
+    image side spans `view_m` metres of table (default VIEW_M) around the table's centre."""
     height, width = parse_size(size_px)
+    view_m = VIEW_M if view_m is None else float(view_m)
+    if not 0.1 <= view_m <= 5.0:
+        raise ConfigError(f'view_m={view_m} must be 0.1..5 metres')
     ss = 4 if max(height, width) <= 160 else 2
     big_h, big_w = height * ss, width * ss
-    px_per_m = min(big_h, big_w) / VIEW_M
+    px_per_m = min(big_h, big_w) / view_m
     canvas = np.empty((big_h, big_w, 3), np.uint8)
     canvas[:] = TABLE_RGB
     fix = float(1 << _SUBPIXEL_BITS)

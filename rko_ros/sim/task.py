@@ -12,7 +12,7 @@ import numpy as np
 from rko_ros.errors import ConfigError
 from rko_ros.sim.cloth import ClothConfig, ClothSim
 from rko_ros.sim.evaluate import DEFAULT_QUALITY_THRESHOLD, fold_result
-from rko_ros.sim.render import parse_size, render
+from rko_ros.sim.render import VIEW_M, parse_size, render
 
 JOINT_NAMES = ('gripper_x', 'gripper_y', 'gripper_closed')
 ACTION_NAMES = JOINT_NAMES
@@ -21,6 +21,7 @@ ACTION_NAMES = JOINT_NAMES
 @dataclasses.dataclass
 class TaskConfig:
     image_size_px: tuple = (64, 64)          # (H, W) of `observe()`'s image
+    view_m: float = VIEW_M                   # metres of table across the image's shorter side
     control_rate_hz: float = 10.0
     episode_ticks: int = 50
     pose_jitter_m: float = 0.02              # uniform +- offset of the cloth's centre at reset
@@ -37,6 +38,8 @@ class TaskConfig:
         if not (0.0 <= self.pose_jitter_m <= 0.1 and 0.0 <= self.angle_jitter_rad <= 0.5):
             raise ConfigError(f'pose_jitter_m={self.pose_jitter_m} (0..0.1) or angle_jitter_rad='
                               f'{self.angle_jitter_rad} (0..0.5) out of range')
+        if not 0.1 <= float(self.view_m) <= 5.0:
+            raise ConfigError(f'view_m={self.view_m} must be 0.1..5 metres of table')
         if not 0.0 <= self.quality_threshold <= 1.0:
             raise ConfigError(f'quality_threshold={self.quality_threshold} must be in [0, 1]')
 
@@ -96,7 +99,8 @@ class ClothFoldTask:
         return np.array([g[0], g[1], float(self.sim.gripper_closed)], np.float32)
 
     def render(self, size_px=None):
-        return render(self.sim, self.config.image_size_px if size_px is None else size_px)
+        return render(self.sim, self.config.image_size_px if size_px is None else size_px,
+                      view_m=self.config.view_m)
 
     def observe(self):
         """(image (H, W, 3) uint8 RGB, state (3,) float32)."""
