@@ -27,7 +27,7 @@ from trajectory_msgs.msg import JointTrajectory
 
 from rko_ros.errors import ConfigError
 from rko_ros.ros.params import spin
-from rko_ros.sim.render import VIEW_M
+from rko_ros.sim.render import VIEW_M, VIEW_RANGE_M
 from rko_ros.sim.task import JOINT_NAMES, ClothFoldTask, TaskConfig
 
 ACTION_TYPES = ('joint_trajectory', 'float64_multi_array')
@@ -62,7 +62,7 @@ PARAMETERS = {
     'image_width_px': _int('camera image width', 64, 8, 4096),
     'image_height_px': _int('camera image height', 64, 8, 4096),
     'camera_view_m': _float('metres of table across the camera image\'s shorter side (the '
-                            'policy must be trained on the same view)', VIEW_M, 0.1, 5.0),
+                            'policy must be trained on the same view)', VIEW_M, *VIEW_RANGE_M),
     'episode_ticks': _int('control ticks in one episode (reported by sim/evaluate)',
                           50, 1, 100000),
     'seed': _int('seed of the first episode; each sim/reset uses the next one', 0, 0, 2 ** 31 - 1),

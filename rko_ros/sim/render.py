@@ -19,6 +19,7 @@ EDGE_DARKEN = 0.55
 GRIPPER_RGB = (220, 30, 40)
 RELIEF_SHADING = 0.4          # vertical scale used for shading normals
 VIEW_M = 0.60                  # default: the shorter image side shows this many metres of table
+VIEW_RANGE_M = (0.1, 5.0)      # views a camera over the table can have
 _LIGHT = np.array([-0.35, 0.45, 1.0]) / np.linalg.norm([-0.35, 0.45, 1.0])
 _SUBPIXEL_BITS = 4
 
@@ -66,13 +67,19 @@ def _mesh(n):
 _CACHE = {}
 
 
-def render(sim, size_px=(64, 64), draw_gripper=True, view_m=None):
+def check_view_m(view_m):
+    """`view_m` as a float, or a ConfigError naming it and VIEW_RANGE_M."""
+    low, high = VIEW_RANGE_M
+    if not low <= float(view_m) <= high:
+        raise ConfigError(f'view_m={view_m} must be {low}..{high} metres of table')
+    return float(view_m)
+
+
+def render(sim, size_px=(64, 64), draw_gripper=True, view_m=VIEW_M):
     """Render `sim` (a ClothSim) to an (H, W, 3) uint8 RGB image seen from above; the shorter
-    image side spans `view_m` metres of table (default VIEW_M) around the table's centre."""
+    image side spans `view_m` metres of table around the table's centre."""
     height, width = parse_size(size_px)
-    view_m = VIEW_M if view_m is None else float(view_m)
-    if not 0.1 <= view_m <= 5.0:
-        raise ConfigError(f'view_m={view_m} must be 0.1..5 metres')
+    view_m = check_view_m(view_m)
     ss = 4 if max(height, width) <= 160 else 2
     big_h, big_w = height * ss, width * ss
     px_per_m = min(big_h, big_w) / view_m
