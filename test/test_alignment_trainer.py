@@ -315,3 +315,28 @@ def test_execution_guard_keeps_only_checkpoints_that_still_act(pretrained):
         PreferenceTrainer(store.load_policy(parent), data, behaviour_cfg, progress=False)
     with pytest.raises(TrainingError, match='guard_tolerance=-0.1 must be >= 0'):
         FinetuneConfig(method='rko', guard_tolerance=-0.1)
+
+
+def test_freeze_encoder_trains_the_action_network_only(pretrained):
+    from rko_ros.alignment.trainer import PreferenceTrainer
+    store, parent, data, windows = pretrained
+    parent_state = store.load_policy(parent).state_dict()
+    cfg = FinetuneConfig(method='rko', steps=6, batch_size=16, eval_every=2, patience=0, seed=3,
+                         freeze_encoder=True)
+    trainer = PreferenceTrainer(store.load_policy(parent), data, cfg, progress=False)
+    summary = trainer.run()
+    assert summary['steps_run'] == 6                       # patience 0: no early stop
+    after = trainer.policy.state_dict()
+    encoder = [n for n in after if n.startswith('encoders.')]
+    unet = [n for n in after if n.startswith('unet.') and after[n].dtype.is_floating_point]
+    assert encoder and unet
+    assert all(torch.equal(after[n], parent_state[n]) for n in encoder)
+    assert sum(not torch.equal(after[n], parent_state[n]) for n in unet) > len(unet) // 2
+    # Without freezing, the same run moves the encoders too.
+    cfg = FinetuneConfig(method='rko', steps=6, batch_size=16, eval_every=2, patience=0, seed=3)
+    trainer = PreferenceTrainer(store.load_policy(parent), data, cfg, progress=False)
+    trainer.run()
+    moved = trainer.policy.state_dict()
+    assert any(not torch.equal(moved[n], parent_state[n]) for n in encoder)
+    with pytest.raises(TrainingError, match='patience=-1 must be >= 0'):
+        FinetuneConfig(method='rko', patience=-1)

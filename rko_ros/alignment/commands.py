@@ -65,7 +65,13 @@ def register(subparsers):
     p.add_argument('--lambda-fkl', type=float, default=1.0,
                    help='fkpd: weight of the forward-KL (BC) term on the pretraining data')
     p.add_argument('--eval-every', type=int, default=25, help='held-out evaluation period')
-    p.add_argument('--patience', type=int, default=6, help='evaluations without gain before stopping')
+    p.add_argument('--patience', type=int, default=6,
+                   help='held-out evaluations without gain before stopping (default 6; 0 = run '
+                        'every step)')
+    p.add_argument('--freeze-encoder', action='store_true',
+                   help='train the action network only and keep the parent\'s image encoders '
+                        '(default: the whole network). On the cloth demo it did not reliably '
+                        'help: see the README')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default='cpu', help="torch device, e.g. 'cuda'")
     p.add_argument('--activate', action='store_true', help='make the new version the active one')
@@ -128,7 +134,7 @@ def _finetune(args):
                          patience=args.patience, seed=args.seed, lambda_sft=args.lambda_sft,
                          lambda_fkl=args.lambda_fkl, lambda_behaviour=args.lambda_behaviour,
                          lambda_d=args.lambda_d, lambda_u=args.lambda_u,
-                         ema_decay=args.ema_decay,
+                         ema_decay=args.ema_decay, freeze_encoder=args.freeze_encoder,
                          guard_tolerance=None if args.no_guard else args.guard_tolerance,
                          guard_windows=args.guard_windows)
     labelled = load_labelled(args.data_dir, spec, progress=not args.no_progress)

@@ -71,6 +71,8 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
                     fc = FinetuneConfig(method=method, steps=cfg.finetune_steps,
                                         batch_size=max(4, cfg.batch_size // 2), seed=cfg.seed + s,
                                         lambda_sft=cfg.lambda_sft, lambda_u=cfg.lambda_u,
+                                        patience=cfg.finetune_patience,
+                                        freeze_encoder=cfg.freeze_encoder,
                                         guard_tolerance=cfg.guard_tolerance)
                     version, summary = finetune(store, parent, data, fc, behaviour=behaviour,
                                                 device=cfg.device, progress=False)
@@ -103,6 +105,7 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
     result = {'bench': 'alignment', 'preferred_style': cfg.preferred_style, 'methods': list(methods),
               'labels': label_counts, 'seeds': seeds, 'eval_episodes': eval_episodes,
               'finetune_steps': cfg.finetune_steps, 'lambda_sft': cfg.lambda_sft,
+              'lambda_u': cfg.lambda_u, 'freeze_encoder': cfg.freeze_encoder,
               'guard_tolerance': cfg.guard_tolerance,
               'pretrained_version': parent,
               'pretrained': pretrained, 'table': table, 'rko_ahead_of': rko_ahead, 'runs': runs}

@@ -34,7 +34,9 @@ def write_demo_params(path, cfg, base_config):
                     'extra_args': ['--batch-size', str(cfg.batch_size // 2),
                                    '--seed', str(cfg.seed), '--lambda-sft', repr(cfg.lambda_sft),
                                    '--lambda-u', repr(cfg.lambda_u),
+                                   '--patience', str(cfg.finetune_patience),
                                    '--device', cfg.device] +
+                   (['--freeze-encoder'] if cfg.freeze_encoder else []) +
                    (['--no-guard'] if cfg.guard_tolerance is None else
                     ['--guard-tolerance', repr(cfg.guard_tolerance)])})
     with open(path, 'w') as f:
