@@ -82,9 +82,9 @@ class FinetuneConfig:
     patience: int = 6                # evaluations without a better held-out margin before stopping; 0 = never
     # [choice, not in the papers] Train the action network only; the image encoders keep the
     # parent's weights (the usual few-shot fine-tuning of a visuomotor policy). Cloth demo, the
-    # 12000-step base's 20 labels, 1200 steps, 40 new cloths: 70% / 47.5% preferred-style success
-    # frozen (two seeds), 52.5% not; from the 3000-step base 37.5% frozen against 45% for the
-    # demo's 300 unfrozen steps. Not a reliable gain, so off by default.
+    # 12000-step base's 20 labels, 1200 steps, 40 new cloths: 70 / 47.5 / 50% preferred-style
+    # success frozen (three seeds), 52.5 / 32.5% not; from the 3000-step base 37.5% frozen against
+    # 45% for the demo's 300 unfrozen steps. Not a reliable gain over the defaults, so off.
     freeze_encoder: bool = False
     seed: int = 0
     num_threads: int = 0
