@@ -263,7 +263,9 @@ class PreferenceTrainer:
         if model is self.model and self.world_size > 1:
             e_theta = model(batch, t, eps, self.cfg.reduction)  # DDP forward = denoise_error
         else:
-            e_theta = model.denoise_error(batch, t, eps, self.cfg.reduction)
+            # Frozen encoders are the reference's, so its encoding is this model's too.
+            e_theta = model.denoise_error(batch, t, eps, self.cfg.reduction,
+                                          global_cond=cond_ref if self.cfg.freeze_encoder else None)
         if self.z_center is not None:
             centred = cond_ref - self.z_center
             # Windows that sit on the centre (e.g. every window shows the same scene) would be
