@@ -28,10 +28,7 @@ def register(subparsers):
     p.add_argument('--label-episodes', type=int, help='episodes the operator labels (before)')
     p.add_argument('--eval-episodes', type=int, help='episodes run after the hot swap')
     p.add_argument('--finetune-steps', type=int, help='fine-tuning steps (default 300)')
-    p.add_argument('--finetune-patience', type=int,
-                   help='held-out evaluations without gain before fine-tuning stops (default 6; '
-                        '0 = run every step)')
-    _freeze_arg(p)
+    _finetune_run_args(p)
     p.add_argument('--lambda-u', type=float,
                    help='weight of the undesirable term of kto/rko (default 0.25; 1 = as published; '
                         'see `rko finetune --help`)')
@@ -74,10 +71,7 @@ def register_bench(bench_subparsers):
     p.add_argument('--lambda-sft', type=float, default=0.0,
                    help='BC anchor weight for every method (default 0: the losses as published)')
     _guard_args(p, 'off, the methods as published')
-    p.add_argument('--finetune-patience', type=int,
-                   help='held-out evaluations without gain before a run stops (default 6; 0 = '
-                        'run every step)')
-    _freeze_arg(p)
+    _finetune_run_args(p)
     p.add_argument('--quick', action='store_true', help='tiny sizes for tests')
     _device_arg(p)
     p.add_argument('--json', action='store_true', help='print the result as one JSON line')
@@ -91,7 +85,10 @@ def _device_arg(p):
                         'about 90%% of its folds (README)')
 
 
-def _freeze_arg(p):
+def _finetune_run_args(p):
+    p.add_argument('--finetune-patience', type=int,
+                   help='held-out evaluations without gain before a fine-tuning run stops '
+                        '(default 6; 0 = run every step)')
     p.add_argument('--freeze-encoder', action='store_true',
                    help='fine-tune the action network only, keeping the pretrained image encoders '
                         '(default: the whole network, as published; see `rko finetune --help`)')
