@@ -1,4 +1,5 @@
 """The fine-tuning trainer on a synthetic two-mode policy: every method moves toward the labels."""
+import dataclasses
 import os
 import signal
 import subprocess
@@ -340,3 +341,45 @@ def test_freeze_encoder_trains_the_action_network_only(pretrained):
     assert any(not torch.equal(moved[n], parent_state[n]) for n in encoder)
     with pytest.raises(TrainingError, match='patience=-1 must be >= 0'):
         FinetuneConfig(method='rko', patience=-1)
+
+
+def test_retrieval_anchor_learns_from_the_demonstrations_like_the_desirable_episodes(pretrained):
+    from rko_ros.policy.train import ArrayWindows
+    store, parent, data, _ = pretrained
+    config = store.load_policy(parent).config
+    # 24 demonstration "episodes" of 6 windows each, alternating modes; the labels favour RIGHT.
+    demo_modes = np.repeat(np.arange(24) % 2, 6)
+    demos, _ = make_two_mode_windows(config, n=len(demo_modes), modes=demo_modes, seed=5)
+    behaviour = ArrayWindows(demos.images, demos.state, demos.action, np.arange(len(demo_modes)) // 6)
+    cfg = FinetuneConfig(method='rko', steps=4, batch_size=8, eval_every=2, patience=0,
+                         lambda_retrieved=2.0, seed=3)
+    trainer = PreferenceTrainer(store.load_policy(parent), data, cfg, behaviour=behaviour, progress=False)
+    retrieval = trainer.retrieval
+    right = {str(e) for e in range(24) if e % 2 == RIGHT}
+    assert set(retrieval['episodes']) == right            # every RIGHT demonstration, no LEFT one
+    assert retrieval['windows'] == 72 and retrieval['of_episodes'] == 24
+    assert all((score > 0.5) == (eid in right) for eid, score in retrieval['scores'].items())
+    assert set(mode_of(behaviour.action[trainer.retrieved]).tolist()) == {RIGHT}
+    # The anchor is + lambda x the retrieved windows' BC error, drawn after the method's batch.
+    torch.manual_seed(11)
+    anchored, metrics = trainer.loss()
+    plain_trainer = PreferenceTrainer(store.load_policy(parent), data,
+                                      dataclasses.replace(cfg, lambda_retrieved=0.0),
+                                      behaviour=behaviour, progress=False)
+    torch.manual_seed(11)
+    plain, plain_metrics = plain_trainer.loss()
+    assert 'retrieved_anchor' not in plain_metrics and metrics['retrieved_anchor'] > 0
+    assert float((anchored - plain).detach()) == pytest.approx(2.0 * metrics['retrieved_anchor'], rel=1e-4)
+    summary = trainer.run()
+    assert summary['retrieval']['episodes'] == retrieval['episodes']
+    assert plain_trainer.run()['retrieval'] is None
+    # sft takes the anchor too; without demonstrations there is nothing to retrieve from.
+    sft = PreferenceTrainer(store.load_policy(parent), data, dataclasses.replace(cfg, method='sft'),
+                            behaviour=behaviour, progress=False)
+    assert 'retrieved_anchor' in sft.loss()[1]
+    with pytest.raises(TrainingError, match='lambda_retrieved needs the behaviour'):
+        PreferenceTrainer(store.load_policy(parent), data, cfg, progress=False)
+    with pytest.raises(TrainingError, match='retrieval_tau=0 must be > 0'):
+        FinetuneConfig(method='rko', retrieval_tau=0)
+    with pytest.raises(TrainingError, match='lambda_retrieved=-1 must be >= 0'):
+        FinetuneConfig(method='rko', lambda_retrieved=-1)

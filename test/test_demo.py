@@ -60,7 +60,8 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     from rko_ros.demo.loop import write_demo_params
     from rko_ros.demo.pipeline import DemoConfig
     from rko_ros.ros.commands import default_config_path
-    cfg = DemoConfig(lambda_u=0.25, lambda_sft=2.0, device='cpu', guard_tolerance=None)
+    cfg = DemoConfig(lambda_u=0.25, lambda_sft=2.0, device='cpu', guard_tolerance=None,
+                     lambda_retrieved=0.0)
     path = write_demo_params(str(tmp_path / 'p.yaml'), cfg, default_config_path())
     with open(path) as f:
         trainer = yaml.safe_load(f)['/**/trainer_node']['ros__parameters']
@@ -69,13 +70,15 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     assert pairs['--lambda-u'] == '0.25' and pairs['--lambda-sft'] == '2.0'
     assert pairs['--device'] == 'cpu' and extra[-1] == '--no-guard'
     assert trainer['steps'] == 300 and pairs['--patience'] == '6' and '--freeze-encoder' not in extra
-    cfg = DemoConfig(freeze_encoder=True, finetune_patience=0, finetune_steps=1200)
+    assert '--lambda-retrieved' not in extra
+    cfg = DemoConfig(freeze_encoder=True, finetune_patience=0, finetune_steps=1200, lambda_retrieved=3.0)
     path = write_demo_params(str(tmp_path / 'q.yaml'), cfg, default_config_path())
     with open(path) as f:
         trainer = yaml.safe_load(f)['/**/trainer_node']['ros__parameters']
     extra = trainer['extra_args']
     assert trainer['steps'] == 1200 and '--freeze-encoder' in extra
     assert dict(zip(extra[:-1], extra[1:]))['--patience'] == '0'
+    assert dict(zip(extra[:-1], extra[1:]))['--lambda-retrieved'] == '3.0'
     import pytest
     from rko_ros.alignment.trainer import FinetuneConfig
     from rko_ros.errors import TrainingError

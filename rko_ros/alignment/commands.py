@@ -42,6 +42,13 @@ def register(subparsers):
     p.add_argument('--lambda-behaviour', type=float, default=0.0,
                    help='any method: + this x the denoising error of the pretraining '
                         'demonstrations (the root version\'s episodes); 0 (default) = off')
+    p.add_argument('--lambda-retrieved', type=float, default=0.0,
+                   help='retrieval anchor: + this x the denoising error of the pretraining '
+                        'demonstrations that resemble the desirable episodes more than the '
+                        'undesirable ones (observation embedding + action chunk, nearest labelled '
+                        'windows); the version card lists the retrieved episodes; 0 (default) = off')
+    p.add_argument('--retrieval-tau', type=float, default=0.05,
+                   help='softmax temperature of that retrieval (default 0.05)')
     p.add_argument('--ema-decay', type=float, default=0.0,
                    help='keep an EMA of the weights and select/export it (e.g. 0.99); 0 '
                         '(default) = the raw weights')
@@ -133,6 +140,7 @@ def _finetune(args):
                          reduction=args.reduction, eval_every=args.eval_every,
                          patience=args.patience, seed=args.seed, lambda_sft=args.lambda_sft,
                          lambda_fkl=args.lambda_fkl, lambda_behaviour=args.lambda_behaviour,
+                         lambda_retrieved=args.lambda_retrieved, retrieval_tau=args.retrieval_tau,
                          lambda_d=args.lambda_d, lambda_u=args.lambda_u,
                          ema_decay=args.ema_decay, freeze_encoder=args.freeze_encoder,
                          guard_tolerance=None if args.no_guard else args.guard_tolerance,
@@ -140,7 +148,7 @@ def _finetune(args):
     labelled = load_labelled(args.data_dir, spec, progress=not args.no_progress)
     data = LabelledWindows.from_dataset(labelled.windows)
     behaviour = None
-    if args.method == 'fkpd' or args.lambda_behaviour or \
+    if args.method == 'fkpd' or args.lambda_behaviour or args.lambda_retrieved or \
             (cfg.guard_tolerance is not None and cfg.guard_windows == 'behaviour'):
         episodes = behaviour_episodes(store, parent)
         behaviour = load_windows(args.data_dir, episodes, spec, progress=False) if episodes else None
@@ -169,7 +177,9 @@ def _finetune(args):
     result = {'version': version, 'parent': parent, 'method': args.method, **summary}
     print(json.dumps(result) if args.json else
           f"new version {version} (parent {parent}, {args.method}); best held-out margin "
-          f"{summary['best_holdout_margin']:.3f} at step {summary['best_step']}")
+          f"{summary['best_holdout_margin']:.3f} at step {summary['best_step']}" +
+          (f"; retrieved {len(summary['retrieval']['episodes'])} of "
+           f"{summary['retrieval']['of_episodes']} demonstrations" if summary.get('retrieval') else ''))
     return 0
 
 

@@ -86,6 +86,17 @@ class FinetuneConfig:
     # success frozen (three seeds), 52.5 / 32.5% not; from the 3000-step base 37.5% frozen against
     # 45% for the demo's 300 unfrozen steps. Not a reliable gain over the defaults, so off.
     freeze_encoder: bool = False
+    # [choice, not in the papers] Retrieval anchor: + lambda_retrieved * mean BC error of the
+    # pretraining demonstrations that resemble the desirable episodes more than the undesirable
+    # ones (as Behavior Retrieval, Du et al. 2023, retrieves prior data with a few examples). A
+    # demonstration window's feature is the reference's centred observation embedding joined with
+    # its normalised action chunk; its score is the class-balanced softmax(cos / retrieval_tau)
+    # share of the desirable training windows among all labelled training windows; an episode is
+    # retrieved when its windows' mean score is above 0.5. Held-out episodes take no part.
+    # The labels' few desirable episodes then come with every demonstration of the same kind:
+    # clean examples of what the operator wants, which keep execution while the style moves.
+    lambda_retrieved: float = 0.0
+    retrieval_tau: float = 0.05
     seed: int = 0
     num_threads: int = 0
 
@@ -100,7 +111,10 @@ class FinetuneConfig:
             raise TrainingError(f'ema_decay={self.ema_decay} must be in [0, 1) (0 = off)')
         if self.patience < 0:
             raise TrainingError(f'patience={self.patience} must be >= 0 (0 = no early stopping)')
-        for name in ('lambda_sft', 'lambda_behaviour', 'lambda_fkl', 'lambda_d', 'lambda_u'):
+        if self.retrieval_tau <= 0:
+            raise TrainingError(f'retrieval_tau={self.retrieval_tau} must be > 0')
+        for name in ('lambda_sft', 'lambda_behaviour', 'lambda_fkl', 'lambda_d', 'lambda_u',
+                     'lambda_retrieved'):
             if getattr(self, name) < 0:
                 raise TrainingError(f'{name}={getattr(self, name)} must be >= 0')
         if self.guard_windows not in ('desirable', 'behaviour'):
@@ -170,10 +184,11 @@ class PreferenceTrainer:
         self.device = device
         self.progress = progress
         check_labels(data, cfg.method, cfg.batch_size)
-        if (cfg.method == 'fkpd' or cfg.lambda_behaviour) and \
-                (behaviour is None or len(behaviour) == 0):
-            raise TrainingError(f'{"fkpd" if cfg.method == "fkpd" else "lambda_behaviour"} needs the '
-                                'behaviour (pretraining) windows for its forward-KL term; none '
+        needs = 'fkpd' if cfg.method == 'fkpd' else 'lambda_behaviour' if cfg.lambda_behaviour \
+            else 'lambda_retrieved' if cfg.lambda_retrieved else None
+        if needs and (behaviour is None or len(behaviour) == 0):
+            raise TrainingError(f'{needs} needs the '
+                                'behaviour (pretraining) windows; none '
                                 'were found for the parent version')
         self.data = data
         self.behaviour = behaviour
@@ -206,6 +221,7 @@ class PreferenceTrainer:
         self.ema = copy.deepcopy(self.policy).eval() if cfg.ema_decay > 0 else None
         self.z_center = self._embedding_center() if cfg.method in ('rko', 'rpo') and \
             cfg.center_embeddings else None
+        self.retrieved, self.retrieval = self._retrieve() if cfg.lambda_retrieved else (None, None)
         self.guard_windows, self.guard_source = self._guard_windows()
         self.guard_reference = self.guard_error(self.reference) \
             if cfg.guard_tolerance is not None else None
@@ -284,6 +300,48 @@ class PreferenceTrainer:
                 for _, batch in self._chunks(self.data.windows, idx, chunk)]
         return (sum(sums) / len(idx)).detach()
 
+    @torch.no_grad()
+    def _retrieval_features(self, source, idx, center):
+        feats = []
+        for _, batch in self._chunks(source, idx):
+            z = self.reference.encode_obs(batch['images'], batch['state']) - center
+            a = self.reference.action_normalizer.normalize(batch['action'].float()).flatten(1)
+            feats.append(torch.cat([F.normalize(z, dim=-1), F.normalize(a, dim=-1)], dim=1))
+        return torch.cat(feats)
+
+    @torch.no_grad()
+    def _retrieve(self, chunk=256):
+        """Behaviour window indices of the demonstration episodes nearer the desirable training
+        windows than the undesirable ones (FinetuneConfig.lambda_retrieved), and a summary."""
+        if len(self.pos) == 0 or len(self.neg) == 0:
+            raise TrainingError('lambda_retrieved needs desirable and undesirable training episodes')
+        labelled = np.concatenate([self.pos, self.neg])
+        desirable = torch.zeros(len(labelled), device=self.device)
+        desirable[:len(self.pos)] = 1.0
+        center = self.z_center if self.z_center is not None else \
+            sum(self.reference.encode_obs(b['images'], b['state']).sum(dim=0)
+                for _, b in self._chunks(self.data.windows, labelled)) / len(labelled)
+        keys = self._retrieval_features(self.data.windows, labelled, center)
+        # Class-balanced: each class's similarity mass divided by its number of windows.
+        balance = torch.where(desirable > 0, 1.0 / len(self.pos), 1.0 / len(self.neg))
+        scores = []
+        all_idx = np.arange(len(self.behaviour))
+        for start in range(0, len(all_idx), chunk):
+            q = self._retrieval_features(self.behaviour, all_idx[start:start + chunk], center)
+            w = torch.softmax(q @ keys.T / self.cfg.retrieval_tau, dim=1) * balance
+            scores.append(((w * desirable).sum(1) / w.sum(1)).cpu())
+        scores = torch.cat(scores).numpy()
+        episode_index = np.asarray(self.behaviour.episode_index)
+        ids = list(getattr(self.behaviour, 'episode_ids', None) or
+                   [str(i) for i in range(int(episode_index.max()) + 1)])
+        per_episode = {ids[e]: float(scores[episode_index == e].mean()) for e in np.unique(episode_index)}
+        chosen = [e for e in np.unique(episode_index) if per_episode[ids[e]] > 0.5]
+        retrieved = np.flatnonzero(np.isin(episode_index, chosen))
+        summary = {'episodes': [ids[e] for e in chosen], 'windows': int(len(retrieved)),
+                   'of_episodes': len(per_episode),
+                   'scores': {k: round(v, 4) for k, v in per_episode.items()}}
+        return retrieved, summary
+
     def _chunks(self, source, idx, chunk=64):
         """(slice into idx, collated batch of source[idx[slice]]) in chunks, for no-grad passes."""
         for start in range(0, len(idx), chunk):
@@ -317,7 +375,8 @@ class PreferenceTrainer:
         batch = self._batch(idx)
         t, eps = self.policy.sample_timesteps_and_noise(len(idx), device=self.device)
         if cfg.method == 'sft':
-            return losses.sft_loss(self.policy.denoise_error(batch, t, eps, 'mean'))
+            return self._retrieval_anchor(*losses.sft_loss(self.policy.denoise_error(batch, t, eps, 'mean')),
+                                          n=len(idx))
         e_theta, e_ref, z = self._errors(batch, t, eps)
         q_t = torch.as_tensor(q, device=self.device)
         g = e_ref - e_theta
@@ -338,6 +397,7 @@ class PreferenceTrainer:
             e_b = self.policy.denoise_error(b_batch, tb, eb, 'mean').mean()
             metrics = dict(metrics, behaviour_anchor=float(e_b.detach()))
             loss = loss + self.cfg.lambda_behaviour * e_b
+        loss, metrics = self._retrieval_anchor(loss, metrics, len(e_theta_desirable))
         if not self.cfg.lambda_sft or len(e_theta_desirable) == 0:
             return loss, metrics
         per_dim = e_theta_desirable.mean()
@@ -345,6 +405,16 @@ class PreferenceTrainer:
             per_dim = per_dim / (self.policy.config.action.horizon * self.policy.config.action.action_dim)
         metrics = dict(metrics, sft_anchor=float(per_dim.detach()))
         return loss + self.cfg.lambda_sft * per_dim, metrics
+
+    def _retrieval_anchor(self, loss, metrics, n):
+        """+ lambda_retrieved * mean BC error (per dimension) of n retrieved demonstration windows."""
+        if not self.cfg.lambda_retrieved or not len(self.retrieved):
+            return loss, metrics
+        r_idx = self.rng.choice(self.retrieved, size=max(2, n))
+        r_batch = collate(self.behaviour, r_idx, self.device)
+        t, eps = self.policy.sample_timesteps_and_noise(len(r_idx), device=self.device)
+        e_r = self.policy.denoise_error(r_batch, t, eps, 'mean').mean()
+        return loss + self.cfg.lambda_retrieved * e_r, dict(metrics, retrieved_anchor=float(e_r.detach()))
 
     # --- model selection -----------------------------------------------------------------
     @torch.no_grad()
@@ -493,6 +563,7 @@ class PreferenceTrainer:
                     'reference_error': self.guard_reference, 'kept_error': best_guard,
                     'rejected_evaluations': guard_rejected},
                 'holdout_episodes': [self.data.episode_ids[i] for i in self.holdout_episodes],
+                'retrieval': self.retrieval,
                 'final_loss': self.history[-1]['loss'] if self.history else None}
 
 

@@ -54,7 +54,7 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
     label_counts = sorted(set(int(n) for n in label_counts))
     episodes, labels = labelled_rollouts(cfg, store.version_dir(parent), label_counts[-1])
     behaviour = None
-    if 'fkpd' in methods:
+    if 'fkpd' in methods or cfg.lambda_retrieved:
         from rko_ros.episodes.dataset import load_windows
         behaviour = load_windows(cfg.data_dir, store.read_card(parent)['episodes'],
                                  pipeline.window_spec(policy_config), progress=False)
@@ -73,6 +73,7 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
                                         lambda_sft=cfg.lambda_sft, lambda_u=cfg.lambda_u,
                                         patience=cfg.finetune_patience,
                                         freeze_encoder=cfg.freeze_encoder,
+                                        lambda_retrieved=cfg.lambda_retrieved,
                                         guard_tolerance=cfg.guard_tolerance)
                     version, summary = finetune(store, parent, data, fc, behaviour=behaviour,
                                                 device=cfg.device, progress=False)
@@ -106,6 +107,7 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
               'labels': label_counts, 'seeds': seeds, 'eval_episodes': eval_episodes,
               'finetune_steps': cfg.finetune_steps, 'lambda_sft': cfg.lambda_sft,
               'lambda_u': cfg.lambda_u, 'freeze_encoder': cfg.freeze_encoder,
+              'lambda_retrieved': cfg.lambda_retrieved,
               'guard_tolerance': cfg.guard_tolerance,
               'pretrained_version': parent,
               'pretrained': pretrained, 'table': table, 'rko_ahead_of': rko_ahead, 'runs': runs}

@@ -72,6 +72,7 @@ def register_bench(bench_subparsers):
                    help='BC anchor weight for every method (default 0: the losses as published)')
     _guard_args(p, 'off, the methods as published')
     _finetune_run_args(p)
+    p.set_defaults(lambda_retrieved=0.0)   # the bench's default: the methods as published
     p.add_argument('--quick', action='store_true', help='tiny sizes for tests')
     _device_arg(p)
     p.add_argument('--json', action='store_true', help='print the result as one JSON line')
@@ -92,6 +93,10 @@ def _finetune_run_args(p):
     p.add_argument('--freeze-encoder', action='store_true',
                    help='fine-tune the action network only, keeping the pretrained image encoders '
                         '(default: the whole network, as published; see `rko finetune --help`)')
+    p.add_argument('--lambda-retrieved', type=float,
+                   help='BC anchor on the scripted demonstrations that resemble the desirable '
+                        'episodes more than the undesirable ones (see `rko finetune --help`; '
+                        'default 0 = off, the methods as published)')
 
 
 def _guard_args(p, default):
@@ -117,6 +122,7 @@ def _config(args):
         'lambda_u': getattr(args, 'lambda_u', None),
         'guard_tolerance': args.guard_tolerance,
         'finetune_patience': args.finetune_patience, 'freeze_encoder': args.freeze_encoder,
+        'lambda_retrieved': args.lambda_retrieved,
         'device': getattr(args, 'device', None)}.items() if v is not None}
     if 'device' in overrides:
         from rko_ros.policy.train import check_device

@@ -37,6 +37,7 @@ def write_demo_params(path, cfg, base_config):
                                    '--patience', str(cfg.finetune_patience),
                                    '--device', cfg.device] +
                    (['--freeze-encoder'] if cfg.freeze_encoder else []) +
+                   (['--lambda-retrieved', repr(cfg.lambda_retrieved)] if cfg.lambda_retrieved else []) +
                    (['--no-guard'] if cfg.guard_tolerance is None else
                     ['--guard-tolerance', repr(cfg.guard_tolerance)])})
     with open(path, 'w') as f:

@@ -31,6 +31,7 @@ class DemoConfig:
     finetune_steps: int = 300
     finetune_patience: int = 6    # held-out evaluations without gain before stopping; 0 = never
     freeze_encoder: bool = False  # fine-tune the action network only (FinetuneConfig)
+    lambda_retrieved: float = 0.0  # BC anchor on the demonstrations like the desirable episodes
     # Fine-tuning weights. With 4-5 desirable of 20 labels lambda_u 1 (as published) with
     # lambda_sft 1 pushed away from the bad episodes so hard that execution broke (13 of 20 folds
     # 'none'); offline on that run's labels: lambda_u 1 / lambda_sft 1 12.5% preferred-style

@@ -67,8 +67,9 @@ def lr_at(step, total, warmup, base_lr):
 
 @torch.no_grad()
 def ema_update(ema, model, decay):
-    for p_ema, p in zip(ema.parameters(), model.parameters()):
-        p_ema.mul_(decay).add_(p.detach(), alpha=1.0 - decay)
+    # One fused update over all parameters: per-parameter mul_/add_ was a quarter of a BC step on
+    # an H100 (12 of ~50 ms, launch-bound) for this small network.
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)
 
