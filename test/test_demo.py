@@ -32,6 +32,11 @@ def test_quick_demo_runs_the_loop_end_to_end(tmp_path):
         assert summary['aligned_version'] == summary['pretrained_version']
     else:
         assert summary['aligned_version'] in store.versions() and summary['rollback_ok']
+        # The demo fine-tunes with the retrieval anchor: the card says which demonstrations.
+        retrieval = store.read_card(summary['aligned_version'])['metrics']['retrieval']
+        demos = store.read_card(summary['pretrained_version'])['episodes']
+        assert retrieval['of_episodes'] == len(demos) == 6
+        assert set(retrieval['episodes']) <= set(demos) and set(retrieval['scores']) == set(demos)
     report = os.listdir(summary['report_dir'])
     assert 'before_after.png' in report and 'summary.json' in report
     assert any(name.startswith('after_episode') for name in report)
@@ -60,8 +65,7 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     from rko_ros.demo.loop import write_demo_params
     from rko_ros.demo.pipeline import DemoConfig
     from rko_ros.ros.commands import default_config_path
-    cfg = DemoConfig(lambda_u=0.25, lambda_sft=2.0, device='cpu', guard_tolerance=None,
-                     lambda_retrieved=0.0)
+    cfg = DemoConfig(lambda_u=0.25, lambda_sft=2.0, device='cpu', guard_tolerance=None)
     path = write_demo_params(str(tmp_path / 'p.yaml'), cfg, default_config_path())
     with open(path) as f:
         trainer = yaml.safe_load(f)['/**/trainer_node']['ros__parameters']
@@ -69,16 +73,15 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     pairs = dict(zip(extra[:-1], extra[1:]))
     assert pairs['--lambda-u'] == '0.25' and pairs['--lambda-sft'] == '2.0'
     assert pairs['--device'] == 'cpu' and extra[-1] == '--no-guard'
-    assert trainer['steps'] == 300 and pairs['--patience'] == '6' and '--freeze-encoder' not in extra
-    assert '--lambda-retrieved' not in extra
-    cfg = DemoConfig(freeze_encoder=True, finetune_patience=0, finetune_steps=1200, lambda_retrieved=3.0)
+    assert trainer['steps'] == 1200 and pairs['--patience'] == '6' and '--freeze-encoder' not in extra
+    assert pairs['--lambda-retrieved'] == '4.0'
+    cfg = DemoConfig(freeze_encoder=True, finetune_patience=0, finetune_steps=600, lambda_retrieved=0.0)
     path = write_demo_params(str(tmp_path / 'q.yaml'), cfg, default_config_path())
     with open(path) as f:
         trainer = yaml.safe_load(f)['/**/trainer_node']['ros__parameters']
     extra = trainer['extra_args']
-    assert trainer['steps'] == 1200 and '--freeze-encoder' in extra
-    assert dict(zip(extra[:-1], extra[1:]))['--patience'] == '0'
-    assert dict(zip(extra[:-1], extra[1:]))['--lambda-retrieved'] == '3.0'
+    assert trainer['steps'] == 600 and '--freeze-encoder' in extra
+    assert dict(zip(extra[:-1], extra[1:]))['--patience'] == '0' and '--lambda-retrieved' not in extra
     import pytest
     from rko_ros.alignment.trainer import FinetuneConfig
     from rko_ros.errors import TrainingError
