@@ -28,7 +28,7 @@ def register(subparsers):
     p.add_argument('--label-episodes', type=int, help='episodes the operator labels (before)')
     p.add_argument('--eval-episodes', type=int, help='episodes run after the hot swap')
     p.add_argument('--finetune-steps', type=int,
-                   help='fine-tuning steps (default 1200; early stopping usually ends sooner)')
+                   help='fine-tuning steps (default 1200)')
     _finetune_run_args(p)
     p.add_argument('--lambda-u', type=float,
                    help='weight of the undesirable term of kto/rko (default 0.25; 1 = as published; '
@@ -90,7 +90,8 @@ def _device_arg(p):
 def _finetune_run_args(p):
     p.add_argument('--finetune-patience', type=int,
                    help='held-out evaluations without gain before a fine-tuning run stops '
-                        '(default 6; 0 = run every step)')
+                        '(default 0 = run every step and keep the best evaluated one; '
+                        '`rko finetune` stops after 6)')
     p.add_argument('--freeze-encoder', action='store_true',
                    help='fine-tune the action network only, keeping the pretrained image encoders '
                         '(default: the whole network, as published; see `rko finetune --help`)')
