@@ -318,9 +318,7 @@ class PreferenceTrainer:
         labelled = np.concatenate([self.pos, self.neg])
         desirable = torch.zeros(len(labelled), device=self.device)
         desirable[:len(self.pos)] = 1.0
-        center = self.z_center if self.z_center is not None else \
-            sum(self.reference.encode_obs(b['images'], b['state']).sum(dim=0)
-                for _, b in self._chunks(self.data.windows, labelled)) / len(labelled)
+        center = self.z_center if self.z_center is not None else self._embedding_center()
         keys = self._retrieval_features(self.data.windows, labelled, center)
         # Class-balanced: each class's similarity mass divided by its number of windows.
         balance = torch.where(desirable > 0, 1.0 / len(self.pos), 1.0 / len(self.neg))
@@ -334,12 +332,13 @@ class PreferenceTrainer:
         episode_index = np.asarray(self.behaviour.episode_index)
         ids = list(getattr(self.behaviour, 'episode_ids', None) or
                    [str(i) for i in range(int(episode_index.max()) + 1)])
-        per_episode = {ids[e]: float(scores[episode_index == e].mean()) for e in np.unique(episode_index)}
-        chosen = [e for e in np.unique(episode_index) if per_episode[ids[e]] > 0.5]
-        retrieved = np.flatnonzero(np.isin(episode_index, chosen))
-        summary = {'episodes': [ids[e] for e in chosen], 'windows': int(len(retrieved)),
-                   'of_episodes': len(per_episode),
-                   'scores': {k: round(v, 4) for k, v in per_episode.items()}}
+        episodes, inverse = np.unique(episode_index, return_inverse=True)
+        means = np.bincount(inverse, weights=scores) / np.bincount(inverse)
+        chosen = means > 0.5
+        retrieved = np.flatnonzero(chosen[inverse])
+        summary = {'episodes': [ids[e] for e in episodes[chosen]], 'windows': int(len(retrieved)),
+                   'of_episodes': len(episodes),
+                   'scores': {ids[e]: round(float(m), 4) for e, m in zip(episodes, means)}}
         return retrieved, summary
 
     def _chunks(self, source, idx, chunk=64):
