@@ -26,6 +26,13 @@ def test_quick_demo_runs_the_loop_end_to_end(tmp_path):
     assert all(e['status'] == 'complete' for e in episodes)
     assert len(labels) == 4                      # labelled through feedback/label_last
     assert all(os.path.isfile(os.path.join(bag, 'metadata.yaml')) for bag in bags)
+    # Outcomes say which particle was grasped: the demonstrator's is its style's grasp particle;
+    # the policy episodes' come from the sim node's results and the demo summarises them.
+    assert [e['outcome']['grasp_offset_m'] for e in episodes[:6]] == [0.0] * 6
+    for stage in ('before', 'after'):
+        s = summary[stage]
+        assert 0.0 <= s['grasp_off_target_share'] <= 1.0 and 0 <= s['no_grasp'] <= s['episodes']
+    assert 'grasps off the grasp point' in result.stdout
     store = ModelStore(str(out))
     assert store.versions()[0] == summary['pretrained_version']
     if summary['finetune_skipped']:

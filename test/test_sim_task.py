@@ -245,3 +245,31 @@ def test_cli_bench_sim_prints_one_json_line(capsys):
     assert report['episode_sim_s'] == pytest.approx(5.0)
     for key in ('physics_only', 'with_camera'):
         assert report[key]['episode_wall_s'] > 0 and report[key]['realtime_factor'] > 0
+
+
+def test_fold_result_says_which_particle_was_grasped(task):
+    from rko_ros.demo.offline import summarize
+    spacing = task.sim.config.spacing_m
+    for style in DEFAULT_STYLES:
+        result = demo_episode(task, style, 3, record_images=False)['result']
+        assert result.grasp_offset_m == 0.0, style
+        assert result.to_dict()['grasp_offset_m'] == 0.0
+    # The left edge's middle is particle (5, 0); grasp the one above it instead and fold across.
+    task.reset(3)
+    sim = task.sim
+    grasp = sim.x[sim.index(6, 0), :2].copy()
+    target = sim.x[sim.index(6, sim.n - 1), :2] - [0.02, 0.0]
+    plan = ([(grasp, 0.0)] * 14 + [(grasp, 1.0)] * 3 +
+            [(grasp + (target - grasp) * k / 12, 1.0) for k in range(1, 13)] + [(target, 0.0)] * 12)
+    for xy, closed in plan:
+        task.step([xy[0], xy[1], closed])
+    off = task.result()
+    assert sim.grasp_history[0] == sim.index(6, 0)
+    assert off.grasp_offset_m == pytest.approx(spacing)
+    task.reset(3)
+    flat = task.result()
+    assert flat.grasp_offset_m is None and flat.to_dict()['grasp_offset_m'] is None
+    good = demo_episode(task, 'left_to_right', 4, record_images=False)['result']
+    summary = summarize([good, off, flat], 'left_to_right')
+    assert summary['grasp_off_target_share'] == 0.5 and summary['no_grasp'] == 1
+    json.dumps(summary)

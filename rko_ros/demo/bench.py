@@ -97,7 +97,8 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
             table[method][str(n)] = {
                 'preferred_success_mean': float(np.nanmean([r['preferred_success'] for r in cells])),
                 'preferred_success_runs': [r['preferred_success'] for r in cells],
-                'mean_quality_mean': float(np.nanmean([r['mean_quality'] for r in cells]))}
+                'mean_quality_mean': float(np.nanmean([r['mean_quality'] for r in cells])),
+                'grasp_off_target_share_mean': _mean_of(cells, 'grasp_off_target_share')}
     top = str(label_counts[-1])
     rko_ahead = []
     if 'rko' in table:
@@ -113,6 +114,12 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
               'pretrained': pretrained, 'table': table, 'rko_ahead_of': rko_ahead, 'runs': runs}
     result['plot'] = _plot(result, os.path.join(cfg.data_dir, 'alignment_bench.png'))
     return result
+
+
+def _mean_of(rows, key):
+    """Mean of `key` over the rows that have it (evaluated runs), NaN if none."""
+    values = [r[key] for r in rows if key in r]
+    return float(np.mean(values)) if values else float('nan')
 
 
 def _plot(result, path):

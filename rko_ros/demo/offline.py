@@ -156,8 +156,8 @@ def card_like(config):
 
 def summarize(results, preferred_style):
     """Success rate of the preferred style, per-style shares, mean quality (FoldResults)."""
-    return summarize_dicts([{'style': r.style, 'quality': r.quality, 'success': r.success}
-                            for r in results], preferred_style)
+    return summarize_dicts([{'style': r.style, 'quality': r.quality, 'success': r.success,
+                             'grasp_offset_m': r.grasp_offset_m} for r in results], preferred_style)
 
 
 def summarize_dicts(results, preferred_style):
@@ -171,4 +171,17 @@ def summarize_dicts(results, preferred_style):
             'success_any_style': round(sum(bool(r.get('success')) for r in results) / n, 4),
             'mean_quality': round(float(np.mean([r.get('quality', 0.0) for r in results])), 4)
             if results else 0.0,
-            'style_counts': {s: styles.count(s) for s in sorted(set(styles))}}
+            'style_counts': {s: styles.count(s) for s in sorted(set(styles))},
+            **_grasp_summary(results)}
+
+
+def _grasp_summary(results):
+    """Why folds fail: the share of episodes whose first grasp missed the folded style's grasp
+    particle, and how many never held the cloth (older outcomes without the key are left out)."""
+    known = [r for r in results if 'grasp_offset_m' in r]
+    if not known:
+        return {}
+    offsets = [r['grasp_offset_m'] for r in known]
+    grasped = [o for o in offsets if o is not None]
+    return {'grasp_off_target_share': round(sum(o > 1e-6 for o in grasped) / max(1, len(grasped)), 4),
+            'no_grasp': len(offsets) - len(grasped)}

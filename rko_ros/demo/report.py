@@ -23,6 +23,11 @@ def demo_table(summary):
         f"  {'preferred-style share':28}{_pct(b['preferred_style_share']):>10}{_pct(a['preferred_style_share']):>10}",
         f"  {'any-style success':28}{_pct(b['success_any_style']):>10}{_pct(a['success_any_style']):>10}",
         f"  {'mean fold quality':28}{b['mean_quality']:>10.3f}{a['mean_quality']:>10.3f}",
+    ]
+    if 'grasp_off_target_share' in b and 'grasp_off_target_share' in a:
+        lines.append(f"  {'grasps off the grasp point':28}{_pct(b['grasp_off_target_share']):>10}"
+                     f"{_pct(a['grasp_off_target_share']):>10}")
+    lines += [
         f"  {'episodes':28}{b['episodes']:>10}{a['episodes']:>10}",
         '',
         f"  styles before: {b['style_counts']}",

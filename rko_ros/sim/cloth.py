@@ -150,6 +150,7 @@ class ClothSim:
         self.gripper_target_xy = self.gripper[:2].copy()
         self.gripper_closed = False
         self.grasped = -1
+        self.grasp_history = []      # particle index of each grasp since reset, in order
         self._weights_key = None
         self.time_s = 0.0
 
@@ -193,6 +194,7 @@ class ClothSim:
         score = np.where(reachable, d_xy - 2.0 * self.x[:, 2], np.inf)
         self.grasped = int(np.argmin(score))
         self.inv_mass[self.grasped] = 0.0
+        self.grasp_history.append(self.grasped)
 
     def _release(self):
         if self.grasped >= 0:
