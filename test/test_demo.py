@@ -94,3 +94,34 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     from rko_ros.errors import TrainingError
     with pytest.raises(TrainingError, match='lambda_u=-1'):
         FinetuneConfig(lambda_u=-1.0)
+
+
+def test_quick_alignment_bench_uses_quick_sizes_and_reports_failed_cells(tmp_path):
+    """`rko bench alignment --quick` pretrains 20 steps (not the full 3000), and a cell whose runs
+    cannot fine-tune (no desirable label) says why instead of printing a NaN as a result."""
+    out = tmp_path / 'bench'
+    cmd = [sys.executable, '-m', 'rko_ros.cli', 'bench', 'alignment', '--quick', '--methods', 'sft',
+           'rko', '--out', str(out), '--json']
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def no_nan(name):
+        raise AssertionError(f'{name} in the JSON line')
+    bench = json.loads(result.stdout.strip().splitlines()[-1], parse_constant=no_nan)
+    assert bench['labels'] == [2, 4] and bench['seeds'] == 1 and bench['eval_episodes'] == 2
+    assert bench['finetune_steps'] == 6
+    card = ModelStore(str(out)).read_card(bench['pretrained_version'])
+    assert card['metrics']['steps'] == 20 and len(card['episodes']) == 3 * 2
+    assert bench['pretrained']['episodes'] == 2 and 'grasp_off_target_share' in bench['pretrained']
+    assert os.path.isfile(bench['plot'])
+    assert len(bench['runs']) == 2 * 2
+    for run in bench['runs']:
+        cell = bench['table'][run['method']][str(run['labels'])]
+        if 'error' in run:       # a 20-step policy rarely folds well enough to be labelled good
+            assert run['desirable'] == 0 and 'desirable' in run['error']
+            assert cell['preferred_success_mean'] is None and run['error'] in cell['errors']
+            assert 'failed' in result.stdout and run['error'] in result.stdout
+        else:
+            assert 0.0 <= cell['preferred_success_mean'] <= 1.0 and run['version']
+    bad = subprocess.run(cmd[:-1] + ['--seeds', '0'], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and '--seeds 0 must be >= 1' in bad.stderr

@@ -84,8 +84,7 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
                     row.update({k: pretrained[k] for k in ('preferred_success', 'mean_quality')},
                                rejected=str(exc))
                 except Exception as exc:  # e.g. no desirable label among the first n: record it
-                    row.update({'error': str(exc), 'preferred_success': float('nan'),
-                                'mean_quality': float('nan')})
+                    row['error'] = str(exc)
                 runs.append(row)
                 bar.update(1)
     bar.close()
@@ -94,15 +93,20 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
         table[method] = {}
         for n in label_counts:
             cells = [r for r in runs if r['method'] == method and r['labels'] == n]
+            done = [r for r in cells if 'error' not in r]
+            # A cell whose runs all failed (e.g. no desirable label among the first n) has no
+            # number: None, and the reasons, rather than a NaN that reads like a result.
             table[method][str(n)] = {
-                'preferred_success_mean': float(np.nanmean([r['preferred_success'] for r in cells])),
-                'preferred_success_runs': [r['preferred_success'] for r in cells],
-                'mean_quality_mean': float(np.nanmean([r['mean_quality'] for r in cells])),
-                'grasp_off_target_share_mean': _mean_of(cells, 'grasp_off_target_share')}
+                'preferred_success_mean': _mean_of(done, 'preferred_success'),
+                'preferred_success_runs': [r['preferred_success'] for r in done],
+                'mean_quality_mean': _mean_of(done, 'mean_quality'),
+                'grasp_off_target_share_mean': _mean_of(done, 'grasp_off_target_share'),
+                'errors': sorted({r['error'] for r in cells if 'error' in r})}
     top = str(label_counts[-1])
     rko_ahead = []
-    if 'rko' in table:
+    if 'rko' in table and table['rko'][top]['preferred_success_mean'] is not None:
         rko_ahead = [m for m in methods if m != 'rko' and
+                     table[m][top]['preferred_success_mean'] is not None and
                      table['rko'][top]['preferred_success_mean'] > table[m][top]['preferred_success_mean']]
     result = {'bench': 'alignment', 'preferred_style': cfg.preferred_style, 'methods': list(methods),
               'labels': label_counts, 'seeds': seeds, 'eval_episodes': eval_episodes,
@@ -117,9 +121,9 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
 
 
 def _mean_of(rows, key):
-    """Mean of `key` over the rows that have it (evaluated runs), NaN if none."""
+    """Mean of `key` over the rows that have it, None if none does."""
     values = [r[key] for r in rows if key in r]
-    return float(np.mean(values)) if values else float('nan')
+    return float(np.mean(values)) if values else None
 
 
 def _plot(result, path):
@@ -129,7 +133,7 @@ def _plot(result, path):
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in result['methods']:
         ys = [result['table'][method][str(n)]['preferred_success_mean'] for n in result['labels']]
-        ax.plot(result['labels'], ys, 'o-', label=method)
+        ax.plot(result['labels'], [np.nan if y is None else y for y in ys], 'o-', label=method)
     ax.axhline(result['pretrained']['preferred_success'], color='grey', ls=':', label='pretrained')
     ax.axhline(0.9, color='k', lw=0.8, ls='--')
     ax.set_xlabel('labelled episodes')

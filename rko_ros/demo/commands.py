@@ -55,18 +55,18 @@ def register_bench(bench_subparsers):
                    help='data + plot folder; a pretrained model already there is reused (default %(default)s)')
     p.add_argument('--methods', nargs='+', default=['sft', 'dpo', 'kto', 'rko'],
                    choices=['sft', 'dpo', 'rpo', 'kto', 'rko', 'fkpd'])
-    p.add_argument('--labels', nargs='+', type=int, default=[10, 20],
-                   help='numbers of labelled episodes to sweep (default 10 20)')
-    p.add_argument('--seeds', type=int, default=2, help='fine-tuning seeds per setting (default 2)')
-    p.add_argument('--eval-episodes', type=int, default=30,
-                   help='evaluation rollouts per fine-tuned version (default %(default)s)')
-    p.add_argument('--finetune-steps', type=int, default=300,
-                   help='fine-tuning steps per run (default %(default)s, so a sweep of the '
-                        'published methods fits on a CPU; the demo runs 1200 with '
-                        '--lambda-retrieved 4 --finetune-patience 0)')
-    p.add_argument('--pretrain-steps', type=int, default=3000, help='BC steps (default %(default)s)')
-    p.add_argument('--demos-per-style', type=int, default=20,
-                   help='scripted demonstrations per style (default %(default)s)')
+    p.add_argument('--labels', nargs='+', type=int,
+                   help='numbers of labelled episodes to sweep (default 10 20; --quick 2 4)')
+    p.add_argument('--seeds', type=int, help='fine-tuning seeds per setting (default 2; --quick 1)')
+    p.add_argument('--eval-episodes', type=int,
+                   help='evaluation rollouts per fine-tuned version (default 30; --quick 2)')
+    p.add_argument('--finetune-steps', type=int,
+                   help='fine-tuning steps per run (default 300, so a sweep of the published '
+                        'methods fits on a CPU; the demo runs 1200 with --lambda-retrieved 4 '
+                        '--finetune-patience 0; --quick 6)')
+    p.add_argument('--pretrain-steps', type=int, help='BC steps (default 3000; --quick 20)')
+    p.add_argument('--demos-per-style', type=int,
+                   help='scripted demonstrations per style (default 20; --quick 2)')
     p.add_argument('--preferred-style', default='left_to_right',
                    help='the simulated operator\'s style (default %(default)s)')
     p.add_argument('--lambda-u', type=float, default=1.0,
@@ -76,10 +76,18 @@ def register_bench(bench_subparsers):
     _guard_args(p, 'off, the methods as published')
     _finetune_run_args(p)
     p.set_defaults(lambda_retrieved=0.0)   # the bench's default: the methods as published
-    p.add_argument('--quick', action='store_true', help='tiny sizes for tests')
+    p.add_argument('--quick', action='store_true',
+                   help='tiny sizes for tests (the demo\'s --quick sizes, 2 and 4 labels, 1 seed, '
+                        '2 evaluation rollouts); flags given still win')
     _device_arg(p)
     p.add_argument('--json', action='store_true', help='print the result as one JSON line')
     p.set_defaults(func=_bench_alignment)
+
+
+# The bench's own defaults where a flag is not given; pretraining sizes not listed come from
+# DemoConfig (or DemoConfig.quick).
+_BENCH_DEFAULTS = {'labels': [10, 20], 'seeds': 2, 'eval_episodes': 30, 'finetune_steps': 300}
+_BENCH_QUICK = {'labels': [2, 4], 'seeds': 1, 'eval_episodes': 2}
 
 
 def _device_arg(p):
@@ -253,6 +261,14 @@ def _bench_alignment(args):
     from rko_ros.demo.bench import run_alignment_bench
     if args.guard_tolerance is None:
         args.no_guard = True   # the comparison is of the methods as published unless asked
+    for key, value in (_BENCH_QUICK if args.quick else _BENCH_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ('seeds', 'eval_episodes'):
+        if getattr(args, key) < 1:
+            raise RkoError(f'--{key.replace("_", "-")} {getattr(args, key)} must be >= 1')
+    if min(args.labels) < 1:
+        raise RkoError(f'--labels {args.labels}: every count must be >= 1')
     cfg = _config(args)
     result = run_alignment_bench(cfg, args.methods, args.labels, args.seeds, args.eval_episodes)
     from rko_ros.demo.pipeline import as_jsonable

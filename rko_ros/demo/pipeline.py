@@ -140,10 +140,13 @@ def ensure_dir(path):
 
 
 def as_jsonable(value):
+    """Plain JSON types; NaN and infinities become None (strict JSON has no NaN)."""
     if isinstance(value, dict):
         return {k: as_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [as_jsonable(v) for v in value]
     if isinstance(value, (np.floating, np.integer)):
-        return value.item()
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
     return value

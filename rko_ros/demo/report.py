@@ -106,12 +106,20 @@ def bench_table(result):
                  f"{result['seeds']} seeds x {result['eval_episodes']} evaluation episodes", '']
     header = f"  {'method':8}" + ''.join(f"{f'{n} labels':>18}" for n in result['labels'])
     lines += [header, '  ' + '-' * (len(header) - 2)]
+    errors = []
     for method in result['methods']:
         row = f'  {method:8}'
         for n in result['labels']:
             cell = result['table'][method][str(n)]
-            row += f"{_pct(cell['preferred_success_mean']).strip():>10} q{cell['mean_quality_mean']:.2f}  "
+            if cell['preferred_success_mean'] is None:
+                row += f"{'failed':>10}       "
+                errors += [f'{method} at {n} labels: {e}' for e in cell.get('errors', [])]
+            else:
+                row += (f"{_pct(cell['preferred_success_mean']).strip():>10} "
+                        f"q{cell['mean_quality_mean']:.2f}  ")
         lines.append(row)
+    if errors:
+        lines += [''] + [f'  {e}' for e in errors]
     lines += ['', '  cells: preferred-style success (mean over seeds), mean fold quality',
               f"  rko ahead of {', '.join(result['rko_ahead_of']) or 'none'} at the largest label "
               f"count; plot {result.get('plot', '')}"]
