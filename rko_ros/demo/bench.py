@@ -81,7 +81,8 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
                     row['version'] = version
                 except GuardRejected as exc:
                     # The execution guard kept the pretrained model: that is what would run.
-                    row.update({k: pretrained[k] for k in ('preferred_success', 'mean_quality')},
+                    row.update({k: pretrained[k] for k in ('preferred_success', 'mean_quality',
+                                                           'grasp_off_target_share') if k in pretrained},
                                rejected=str(exc))
                 except Exception as exc:  # e.g. no desirable label among the first n: record it
                     row['error'] = str(exc)

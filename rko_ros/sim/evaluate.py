@@ -106,10 +106,9 @@ def classify_style(sim):
 def grasp_offset_m(sim, style):
     """Rest distance (metres) between the first particle grasped since reset and `style`'s
     grasp particle; None if nothing was grasped."""
-    history = getattr(sim, 'grasp_history', None)
-    if not history:
+    if not sim.grasp_history:
         return None
-    row, col = divmod(int(history[0]), sim.n)
+    row, col = divmod(int(sim.grasp_history[0]), sim.n)
     want_row, want_col = divmod(style.grasp_index(sim.n), sim.n)
     return float(np.hypot(row - want_row, col - want_col) * sim.config.spacing_m)
 
