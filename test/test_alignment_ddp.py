@@ -69,7 +69,8 @@ def test_rko_finetune_retrieves_from_the_root_versions_demonstrations(tmp_path):
             catalog.label(episode_id, episode['result'].style == 'left_to_right')
     argv = [sys.executable, '-m', 'rko_ros.cli', 'finetune', '--data-dir', str(tmp_path),
             '--method', 'rko', '--steps', '4', '--batch-size', '4', '--eval-every', '2',
-            '--lambda-retrieved', '2', '--camera-topics', CAMERA_TOPIC, '--no-progress', '--json']
+            '--lambda-retrieved', '2', '--preference-min-timestep', '40',
+            '--camera-topics', CAMERA_TOPIC, '--no-progress', '--json']
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     proc = subprocess.run(argv + ['--from', parent], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
@@ -81,6 +82,7 @@ def test_rko_finetune_retrieves_from_the_root_versions_demonstrations(tmp_path):
     card = store.read_card(result['version'])
     assert card['metrics']['retrieval']['episodes'] == wanted
     assert card['hyperparameters']['lambda_retrieved'] == 2.0
+    assert card['hyperparameters']['preference_min_timestep'] == 40
     # A parent whose card names no demonstrations: a clear error, nothing written.
     proc = subprocess.run(argv + ['--from', bare], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)

@@ -383,3 +383,30 @@ def test_retrieval_anchor_learns_from_the_demonstrations_like_the_desirable_epis
         FinetuneConfig(method='rko', retrieval_tau=0)
     with pytest.raises(TrainingError, match='lambda_retrieved=-1 must be >= 0'):
         FinetuneConfig(method='rko', lambda_retrieved=-1)
+
+
+@pytest.mark.parametrize('method', ['rko', 'dpo'])
+def test_preference_interval_scores_the_method_at_high_noise_and_anchors_everywhere(pretrained, method):
+    store, parent, data, windows = pretrained
+    policy = store.load_policy(parent)
+    cfg = FinetuneConfig(method=method, batch_size=32, lambda_sft=1.0, preference_min_timestep=60,
+                         seed=3)
+    trainer = PreferenceTrainer(policy, data, cfg, progress=False)
+    seen = []
+    hooks = [m.unet.register_forward_hook(lambda mod, args, out: seen.append(args[1].clone()))
+             for m in (trainer.policy, trainer.reference)]
+    for _ in range(3):
+        trainer.loss()
+    for h in hooks:
+        h.remove()
+    # Per loss: the reference and the policy on the method's batch (t >= 60), then the anchor's
+    # fresh pass over the desirable samples, whose t covers the whole range.
+    method_t = torch.cat([t for i, t in enumerate(seen) if i % 3 < 2])
+    anchor_t = torch.cat([t for i, t in enumerate(seen) if i % 3 == 2])
+    assert len(seen) == 9 and int(method_t.min()) >= 60
+    assert int(anchor_t.min()) < 60 and int(anchor_t.max()) >= 60
+    with pytest.raises(TrainingError, match='preference_min_timestep=100 leaves no timestep'):
+        PreferenceTrainer(policy, data, FinetuneConfig(method=method, preference_min_timestep=100),
+                          progress=False)
+    with pytest.raises(TrainingError, match='preference_min_timestep=-1'):
+        FinetuneConfig(method=method, preference_min_timestep=-1)

@@ -49,6 +49,12 @@ def register(subparsers):
                         'windows); the version card lists the retrieved episodes; 0 (default) = off')
     p.add_argument('--retrieval-tau', type=float, default=0.05,
                    help='softmax temperature of that retrieval (default 0.05)')
+    p.add_argument('--preference-min-timestep', type=int, default=0,
+                   help='score the method\'s own terms at diffusion timesteps >= this only (the '
+                        'high-noise steps that choose which behaviour is drawn; the BC anchors '
+                        'still cover every step), so pushing away from the bad episodes does not '
+                        'bend the fine placement of the good ones; 0 (default) = every timestep, '
+                        'as published. The cloth demo uses half the model\'s timesteps')
     p.add_argument('--ema-decay', type=float, default=0.0,
                    help='keep an EMA of the weights and select/export it (e.g. 0.99); 0 '
                         '(default) = the raw weights')
@@ -141,6 +147,7 @@ def _finetune(args):
                          patience=args.patience, seed=args.seed, lambda_sft=args.lambda_sft,
                          lambda_fkl=args.lambda_fkl, lambda_behaviour=args.lambda_behaviour,
                          lambda_retrieved=args.lambda_retrieved, retrieval_tau=args.retrieval_tau,
+                         preference_min_timestep=args.preference_min_timestep,
                          lambda_d=args.lambda_d, lambda_u=args.lambda_u,
                          ema_decay=args.ema_decay, freeze_encoder=args.freeze_encoder,
                          guard_tolerance=None if args.no_guard else args.guard_tolerance,

@@ -74,6 +74,7 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
                                         patience=cfg.finetune_patience,
                                         freeze_encoder=cfg.freeze_encoder,
                                         lambda_retrieved=cfg.lambda_retrieved,
+                                        preference_min_timestep=cfg.preference_min_timestep,
                                         guard_tolerance=cfg.guard_tolerance)
                     version, summary = finetune(store, parent, data, fc, behaviour=behaviour,
                                                 device=cfg.device, progress=False)
@@ -114,6 +115,7 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
               'finetune_steps': cfg.finetune_steps, 'lambda_sft': cfg.lambda_sft,
               'lambda_u': cfg.lambda_u, 'freeze_encoder': cfg.freeze_encoder,
               'lambda_retrieved': cfg.lambda_retrieved,
+              'preference_min_timestep': cfg.preference_min_timestep,
               'guard_tolerance': cfg.guard_tolerance,
               'pretrained_version': parent,
               'pretrained': pretrained, 'table': table, 'rko_ahead_of': rko_ahead, 'runs': runs}

@@ -75,7 +75,8 @@ def register_bench(bench_subparsers):
                    help='BC anchor weight for every method (default 0: the losses as published)')
     _guard_args(p, 'off, the methods as published')
     _finetune_run_args(p)
-    p.set_defaults(lambda_retrieved=0.0)   # the bench's default: the methods as published
+    # The bench's defaults: the methods as published.
+    p.set_defaults(lambda_retrieved=0.0, preference_min_timestep=0)
     p.add_argument('--quick', action='store_true',
                    help='tiny sizes for tests (the demo\'s --quick sizes, 2 and 4 labels, 1 seed, '
                         '2 evaluation rollouts); flags given still win')
@@ -109,6 +110,10 @@ def _finetune_run_args(p):
                    help='BC anchor on the scripted demonstrations that resemble the desirable '
                         'episodes more than the undesirable ones (see `rko finetune --help`; '
                         'demo default 4.0, bench default 0: the methods as published)')
+    p.add_argument('--preference-min-timestep', type=int,
+                   help='score the methods\' own terms at diffusion timesteps >= this only (see '
+                        '`rko finetune --help`; demo default DemoConfig, bench default 0: as '
+                        'published)')
 
 
 def _guard_args(p, default):
@@ -135,6 +140,7 @@ def _config(args):
         'guard_tolerance': args.guard_tolerance,
         'finetune_patience': args.finetune_patience, 'freeze_encoder': args.freeze_encoder,
         'lambda_retrieved': args.lambda_retrieved,
+        'preference_min_timestep': args.preference_min_timestep,
         'device': getattr(args, 'device', None)}.items() if v is not None}
     if 'device' in overrides:
         from rko_ros.policy.train import check_device

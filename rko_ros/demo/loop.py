@@ -38,6 +38,8 @@ def write_demo_params(path, cfg, base_config):
                                    '--device', cfg.device] +
                    (['--freeze-encoder'] if cfg.freeze_encoder else []) +
                    (['--lambda-retrieved', repr(cfg.lambda_retrieved)] if cfg.lambda_retrieved else []) +
+                   (['--preference-min-timestep', str(cfg.preference_min_timestep)]
+                    if cfg.preference_min_timestep else []) +
                    (['--no-guard'] if cfg.guard_tolerance is None else
                     ['--guard-tolerance', repr(cfg.guard_tolerance)])})
     with open(path, 'w') as f:

@@ -214,10 +214,12 @@ class DiffusionPolicy(nn.Module):
         return self.unet(noisy_action, timesteps, global_cond)
 
     # --- training quantities -------------------------------------------------------------
-    def sample_timesteps_and_noise(self, batch_size, horizon=None, generator=None, device=None):
+    def sample_timesteps_and_noise(self, batch_size, horizon=None, generator=None, device=None,
+                                   min_timestep=0):
+        """t uniform in [min_timestep, T) and standard normal noise for `batch_size` chunks."""
         horizon = horizon or self.config.action.horizon
         device = device or self.scheduler.alphas_cumprod.device
-        t = torch.randint(0, self.scheduler.num_train_timesteps, (batch_size,),
+        t = torch.randint(int(min_timestep), self.scheduler.num_train_timesteps, (batch_size,),
                           generator=generator, device=device)
         eps = torch.randn(batch_size, horizon, self.config.action.action_dim,
                           generator=generator, device=device)
