@@ -52,9 +52,9 @@ def register(subparsers):
     p.add_argument('--preference-min-timestep', type=int, default=0,
                    help='score the method\'s own terms at diffusion timesteps >= this only (the '
                         'high-noise steps that choose which behaviour is drawn; the BC anchors '
-                        'still cover every step), so pushing away from the bad episodes does not '
-                        'bend the fine placement of the good ones; 0 (default) = every timestep, '
-                        'as published. The cloth demo uses half the model\'s timesteps')
+                        'still cover every step), meant to keep the push away from the bad '
+                        'episodes from bending the fine placement of the good ones (on the cloth '
+                        'no gain so far, see README); 0 (default) = every timestep, as published')
     p.add_argument('--ema-decay', type=float, default=0.0,
                    help='keep an EMA of the weights and select/export it (e.g. 0.99); 0 '
                         '(default) = the raw weights')

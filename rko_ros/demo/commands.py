@@ -112,8 +112,7 @@ def _finetune_run_args(p):
                         'demo default 4.0, bench default 0: the methods as published)')
     p.add_argument('--preference-min-timestep', type=int,
                    help='score the methods\' own terms at diffusion timesteps >= this only (see '
-                        '`rko finetune --help`; demo default DemoConfig, bench default 0: as '
-                        'published)')
+                        '`rko finetune --help`; default 0: every timestep, as published)')
 
 
 def _guard_args(p, default):
