@@ -73,7 +73,7 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     from rko_ros.demo.pipeline import DemoConfig
     from rko_ros.ros.commands import default_config_path
     cfg = DemoConfig(lambda_u=0.25, lambda_sft=2.0, device='cpu', guard_tolerance=None,
-                     preference_min_timestep=30)
+                     preference_min_timestep=30, lambda_retrieved=8.0)
     path = write_demo_params(str(tmp_path / 'p.yaml'), cfg, default_config_path())
     with open(path) as f:
         trainer = yaml.safe_load(f)['/**/trainer_node']['ros__parameters']
@@ -82,7 +82,7 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     assert pairs['--lambda-u'] == '0.25' and pairs['--lambda-sft'] == '2.0'
     assert pairs['--device'] == 'cpu' and extra[-1] == '--no-guard'
     assert trainer['steps'] == 1200 and pairs['--patience'] == '0' and '--freeze-encoder' not in extra
-    assert pairs['--lambda-retrieved'] == '4.0'
+    assert pairs['--lambda-retrieved'] == '8.0'
     assert pairs['--preference-min-timestep'] == '30'
     cfg = DemoConfig(freeze_encoder=True, finetune_patience=4, finetune_steps=600, lambda_retrieved=0.0,
                      preference_min_timestep=0)
