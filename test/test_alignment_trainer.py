@@ -133,11 +133,13 @@ def test_centred_similarity_weights_single_out_the_decision(decide_execute):
     assert ratios[True] >= 3.0 and ratios[True] > 2 * ratios[False], ratios
 
 
-def test_rko_at_least_as_fast_as_kto_when_episodes_decide_then_execute(decide_execute):
-    # Favoured-mode share of sampled decisions after 40 steps, five fine-tuning seeds. Measured
-    # when written: before 0.34; kto 0.50/0.42/0.69/0.63/0.63 (mean 0.57), rko 0.88/0.67/0.66/
-    # 0.72/0.77 (mean 0.74; with uncentred embeddings 0.70). On the one-scene task above the two
-    # are level, as the weights have nothing to tell apart there.
+def test_rko_and_kto_level_when_episodes_decide_then_execute(decide_execute):
+    # Favoured-mode share of sampled decisions after 40 steps, five fine-tuning seeds. Both move
+    # it; which of the two moves it more depends on the seeds and on the CPU's float paths. When
+    # written (another 2-core machine): before 0.34, kto mean 0.57, rko 0.74. On a 2-core AVX-512/
+    # AMX machine (2026-11-27) these five seeds gave kto 0.65, rko 0.64, and seeds 5-11 kto 0.77,
+    # rko 0.74. So rko is level with kto here, not ahead; the centred weights (test above) do
+    # single out the decision windows, but that does not turn into a reliable speed-up.
     store, parent, data, modes, decision = decide_execute
     idx = np.flatnonzero(decision)
     sub = data.windows.subset(idx[np.arange(64) % len(idx)])
@@ -153,7 +155,8 @@ def test_rko_at_least_as_fast_as_kto_when_episodes_decide_then_execute(decide_ex
     assert 0.2 <= fractions['before'] <= 0.8
     for method in ('kto', 'rko'):
         assert np.mean(fractions[method]) >= fractions['before'] + 0.15, fractions
-    assert np.mean(fractions['rko']) >= np.mean(fractions['kto']), fractions
+    # Level within the seeds' spread (per-seed sd about 0.13, so 0.06 on a mean of five).
+    assert np.mean(fractions['rko']) >= np.mean(fractions['kto']) - 0.15, fractions
 
 
 def test_new_version_card_and_files(pretrained, results):
