@@ -164,6 +164,29 @@ def test_step_on_action_gives_the_offline_observe_act_timing(context):
         probe.close()
 
 
+def test_an_episode_clock_starts_with_its_first_action(context):
+    """The service calls that start an episode (reset, recorder, enable) and the policy's first
+    inference take no ticks from it: the cloth waits for the first action, as offline; frames
+    still go out meanwhile (the policy needs them), and once started the timer keeps time."""
+    probe = Probe(context, {'control_rate_hz': 20.0, 'camera_rate_hz': 20.0,
+                            'joint_state_rate_hz': 20.0})
+    try:
+        assert probe.call('sim/reset').success
+        n_images = len(probe.images)
+        probe.spin_until(lambda: False, 0.4)            # eight control periods, no action
+        assert probe.sim.task.tick == 0
+        assert len(probe.images) >= n_images + 4
+        probe.send(_trajectory(['gripper_x', 'gripper_y', 'gripper_closed'], [0.0, -0.2, 0.0]))
+        assert probe.spin_until(lambda: probe.sim.actions_received == 1, 1.0)
+        assert probe.sim.task.tick >= 1
+        assert probe.spin_until(lambda: probe.sim.task.tick >= 4, 1.0)   # the timer holds it
+        assert probe.call('sim/reset').success and probe.sim.task.tick == 0
+        probe.spin_until(lambda: False, 0.3)
+        assert probe.sim.task.tick == 0                 # waiting again for the new episode
+    finally:
+        probe.close()
+
+
 def test_the_cell_holds_after_the_episode_ends(context):
     """Past episode_ticks actions are ignored (the demonstrations end there; judging the cloth
     after extra, unplanned moves would grade what the policy was never asked to do)."""

@@ -3,7 +3,9 @@
 Publishes the top-down camera (sensor_msgs/Image rgb8, sensor-data QoS) and the gripper's joint
 state at their own rates, steps the cloth at `control_rate_hz`, and executes `action` messages as a
 position controller would (JointTrajectory: the first point, by joint name; or Float64MultiArray in
-joint order), holding the last target when none arrives. Services: `sim/reset` (std_srvs/Trigger;
+joint order), holding the last target when none arrives. With `step_on_action` (the default) a
+new episode's clock starts with its first action, as the offline task's does: until then the cloth
+waits and only camera frames and joint states go out. Services: `sim/reset` (std_srvs/Trigger;
 the message is the new episode's seed) and `sim/evaluate` (std_srvs/Trigger; the message is JSON
 with the fold's style, quality and success). A thin shell over `rko_ros.sim.task.ClothFoldTask`.
 """
@@ -70,7 +72,9 @@ PARAMETERS = {
         description='advance one tick as soon as an action arrives and publish the camera and '
                     'joint state right after it (the observe -> act timing of the offline task '
                     'the demonstrations were recorded with); the control timer then only '
-                    'advances the sim when no action came for a period. false: the control '
+                    'advances the sim when no action came for a period, and not before the '
+                    'episode\'s first action (its ticks start with the policy, as offline: the '
+                    'service calls that start an episode take no ticks from it). false: the control '
                     'timer alone advances the sim (a controller with its own clock, adding up '
                     'to a tick of latency)', read_only=True)),
     'hold_after_episode': (True, ParameterDescriptor(
@@ -153,6 +157,7 @@ class SimNode(Node):
         # Hold where the gripper is, open, until the first action arrives.
         self.target = self.task.state().astype(float)
         self.target[2] = 0.0
+        self._episode_started = False
 
     def _on_reset(self, request, response):
         self._reset_episode()
@@ -196,6 +201,7 @@ class SimNode(Node):
             return
         self.target = target
         self.actions_received += 1
+        self._episode_started = True
         if self.params['step_on_action']:
             self.task.step(self.target)
             self._last_action_step = time.monotonic()
@@ -219,6 +225,8 @@ class SimNode(Node):
     def _on_control_tick(self):
         if self._episode_over():
             return
+        if self.params['step_on_action'] and not self._episode_started:
+            return  # the episode's ticks start with its first action
         # One and a half periods: an action a few ms late must not let the timer slip in an
         # extra step (the cloth would move on a tick the policy never saw).
         if self.params['step_on_action'] and \
