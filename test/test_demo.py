@@ -33,6 +33,8 @@ def test_quick_demo_runs_the_loop_end_to_end(tmp_path):
         s = summary[stage]
         assert 0.0 <= s['grasp_off_target_share'] <= 1.0 and 0 <= s['no_grasp'] <= s['episodes']
     assert 'grasps off the grasp point' in result.stdout
+    # Two evaluation episodes: the table says how little a rate over them means (sqrt(.25/2)).
+    assert 'one standard error of a rate over 2 episodes: up to 35.4%' in result.stdout
     store = ModelStore(str(out))
     assert store.versions()[0] == summary['pretrained_version']
     if summary['finetune_skipped']:

@@ -149,6 +149,12 @@ class RosLoop:
             result = json.loads(text) if ok else {}
             if result.get('done'):
                 break
+        else:
+            # The sim's clock starts with the first action: a policy that refuses to act (no
+            # model, stale camera) leaves the episode unfinished. It is scored as it stands.
+            print(f'\nepisode not finished within {timeout_s:.0f} s (sim tick {result.get("tick")} '
+                  f'of {result.get("episode_ticks")}): the policy stopped acting; see '
+                  f'{self.data_dir}/rko_up.log', file=sys.stderr)
         self.call('policy/enable', False)
         ok, message = self.call('episode/stop')
         if not ok:

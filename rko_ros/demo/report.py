@@ -9,6 +9,12 @@ def _pct(x):
     return f'{100 * x:5.1f}%'
 
 
+def _standard_error(rate, n, worst=True):
+    """Binomial standard error of a success rate over n episodes (at 50% when `worst`)."""
+    p = 0.5 if worst else float(rate)
+    return (p * (1.0 - p) / max(int(n), 1)) ** 0.5
+
+
 def demo_table(summary):
     b, a = summary['before'], summary['after']
     lines = [
@@ -37,6 +43,10 @@ def demo_table(summary):
          if summary.get('target_met') else
          f"  target NOT met: preferred-style success {_pct(a['preferred_success']).strip()} after "
          f"{summary['labelled_episodes']} labels (target >= 90% with <= 20)"),
+        f"  one standard error of a rate over {a['episodes']} episodes: up to "
+        f"{_pct(_standard_error(a['preferred_success'], a['episodes'])).strip()} "
+        f"(here {_pct(_standard_error(a['preferred_success'], a['episodes'], worst=False)).strip()}); "
+        f"fine-tuning seeds differ by about as much again",
         f"  report: {summary.get('report_dir', '')}   wall time {summary.get('wall_s', 0):.0f} s",
     ]
     return '\n'.join(lines)
