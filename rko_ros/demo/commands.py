@@ -62,7 +62,7 @@ def register_bench(bench_subparsers):
                    help='evaluation rollouts per fine-tuned version (default 30; --quick 2)')
     p.add_argument('--finetune-steps', type=int,
                    help='fine-tuning steps per run (default 300, so a sweep of the published '
-                        'methods fits on a CPU; the demo runs 1200 with --lambda-retrieved 16 '
+                        'methods fits on a CPU; the demo runs 1200 with --lambda-retrieved 32 '
                         '--finetune-patience 0; --quick 6)')
     p.add_argument('--pretrain-steps', type=int, help='BC steps (default 6000; --quick 20)')
     p.add_argument('--demos-per-style', type=int,
@@ -109,7 +109,7 @@ def _finetune_run_args(p):
     p.add_argument('--lambda-retrieved', type=float,
                    help='BC anchor on the scripted demonstrations that resemble the desirable '
                         'episodes more than the undesirable ones (see `rko finetune --help`; '
-                        'demo default 16, bench default 0: the methods as published)')
+                        'demo default 32, bench default 0: the methods as published)')
     p.add_argument('--preference-min-timestep', type=int,
                    help='score the methods\' own terms at diffusion timesteps >= this only (see '
                         '`rko finetune --help`; default 0: every timestep, as published)')
