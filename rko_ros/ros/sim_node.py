@@ -157,7 +157,6 @@ class SimNode(Node):
         # Hold where the gripper is, open, until the first action arrives.
         self.target = self.task.state().astype(float)
         self.target[2] = 0.0
-        self._episode_started = False
 
     def _on_reset(self, request, response):
         self._reset_episode()
@@ -201,7 +200,6 @@ class SimNode(Node):
             return
         self.target = target
         self.actions_received += 1
-        self._episode_started = True
         if self.params['step_on_action']:
             self.task.step(self.target)
             self._last_action_step = time.monotonic()
@@ -225,12 +223,12 @@ class SimNode(Node):
     def _on_control_tick(self):
         if self._episode_over():
             return
-        if self.params['step_on_action'] and not self._episode_started:
-            return  # the episode's ticks start with its first action
+        # Tick 0: the episode's ticks start with its first action (which steps it to tick 1).
         # One and a half periods: an action a few ms late must not let the timer slip in an
         # extra step (the cloth would move on a tick the policy never saw).
-        if self.params['step_on_action'] and \
-                time.monotonic() - self._last_action_step < 1.5 / self.params['control_rate_hz']:
+        if self.params['step_on_action'] and (
+                self.task.tick == 0 or
+                time.monotonic() - self._last_action_step < 1.5 / self.params['control_rate_hz']):
             return  # the action stream is stepping the sim
         self.task.step(self.target)
 
