@@ -264,9 +264,16 @@ def test_finetune_through_trainer_start_hot_swaps_then_rolls_back(system):
     assert new in ModelStore(system['data_dir']).versions() and new not in (first, second)
     client.wait_for(lambda: _latest_status(system, time.monotonic())['model_version'] == new,
                     15, f'policy_node to hot-swap to {new}')
+    # The new model acts: eight actions after the swap (about 1 s at 10 Hz), waited for rather
+    # than slept, as the test's own subscriber can lag on a loaded machine (a 1 s sleep once
+    # received a single action in CI). Gaps during a swap are test_rollback_and_reload's.
     since = time.monotonic()
-    time.sleep(1.0)
-    assert len(client.messages(f'/{NS}/action', since)) >= 8
+    try:
+        client.wait_for(lambda: len(client.messages(f'/{NS}/action', since)) >= 8, 5,
+                        'eight actions from the new model')
+    except AssertionError as exc:
+        raise AssertionError(f'{exc}; policy status: {_latest_status(system, since)}\n'
+                             + system['proc'].output()[-3000:]) from None
     rollback = _srv(system, Trigger, 'policy/rollback')
     assert rollback.success and rollback.message == f'rollback: now running {second} (was {new})'
 
