@@ -36,7 +36,8 @@ def test_quick_demo_runs_the_loop_end_to_end(tmp_path):
     # Two evaluation episodes: the table says how little a rate over them means (sqrt(.25/2)).
     assert 'one standard error of a rate over 2 episodes: up to 35.4%' in result.stdout
     store = ModelStore(str(out))
-    assert store.versions()[0] == summary['pretrained_version']
+    pretrained = summary['pretrained_version']
+    assert store.versions()[0] == pretrained
     if summary['finetune_skipped']:
         assert summary['aligned_version'] == summary['pretrained_version']
     else:
@@ -49,6 +50,39 @@ def test_quick_demo_runs_the_loop_end_to_end(tmp_path):
     report = os.listdir(summary['report_dir'])
     assert 'before_after.png' in report and 'summary.json' in report
     assert any(name.startswith('after_episode') for name in report)
+    # Two label rounds of two episodes: round 2 ran on the model round 1 left running.
+    rounds = summary['rounds']
+    assert [r['episodes'] for r in rounds] == [2, 2] and rounds[0]['model_version'] == pretrained
+    assert rounds[1]['model_version'] == rounds[0]['new_version']
+    assert rounds[-1]['new_version'] == summary['aligned_version']
+    assert 'round 2: 2 episodes of' in result.stdout
+    _two_finetunings_in_a_row(out, list(labels))
+
+
+def _two_finetunings_in_a_row(out, labels):
+    """The demo's rounds fine-tune twice through trainer/start: the second wait must end on its
+    own run, not on the first run's 'done' (the trainer keeps publishing it until the next start)."""
+    from rko_ros.demo.loop import RosLoop, write_demo_params
+    from rko_ros.demo.pipeline import DemoConfig
+    from rko_ros.ros.commands import default_config_path
+    with Catalog(str(out)) as catalog:      # both kinds of label, whatever the tiny policy did
+        catalog.label(labels[0], True)
+        catalog.label(labels[1], False)
+    params = write_demo_params(str(out / 'two_params.yaml'),
+                               DemoConfig.quick(data_dir=str(out), guard_tolerance=None),
+                               default_config_path())
+    store = ModelStore(str(out))
+    loop = RosLoop(str(out), params, log_path=str(out / 'two_up.log'))
+    try:
+        loop.wait_ready()
+        first = loop.finetune_and_reload()
+        second = loop.finetune_and_reload()
+        loop.spin_for(1.0)
+        running = loop.policy_status.get('model_version')
+    finally:
+        loop.close()
+    assert first != second and {first, second} <= set(store.versions())
+    assert store.read_card(second)['parent'] == first and running == second
 
 
 def test_every_style_is_demonstrated_on_the_same_cloth_placements():
@@ -131,3 +165,19 @@ def test_quick_alignment_bench_uses_quick_sizes_and_reports_failed_cells(tmp_pat
             assert 0.0 <= cell['preferred_success_mean'] <= 1.0 and run['version']
     bad = subprocess.run(cmd[:-1] + ['--seeds', '0'], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and '--seeds 0 must be >= 1' in bad.stderr
+
+
+def test_label_rounds_split_the_labelled_episodes(tmp_path):
+    import pytest
+    from rko_ros.demo.pipeline import DemoConfig, round_sizes
+    from rko_ros.errors import ConfigError
+    assert round_sizes(20, 2) == [10, 10] and round_sizes(5, 2) == [3, 2]
+    assert round_sizes(4, 1) == [4] and round_sizes(7, 3) == [3, 2, 2]
+    assert DemoConfig().label_rounds == 2 and DemoConfig.quick().label_rounds == 2
+    with pytest.raises(ConfigError, match='label_rounds=5 must be 1..label_episodes'):
+        DemoConfig(label_episodes=4, label_rounds=5)
+    bad = subprocess.run([sys.executable, '-m', 'rko_ros.cli', 'demo', '--quick', '--label-rounds',
+                          '0', '--out', str(tmp_path / 'd')], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and 'label_rounds=0 must be 1..label_episodes (4)' in bad.stderr
+    assert not (tmp_path / 'd').exists()      # refused before anything was written

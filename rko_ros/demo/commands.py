@@ -25,7 +25,13 @@ def register(subparsers):
     p.add_argument('--method', default='rko', choices=['rko', 'kto', 'rpo', 'dpo', 'fkpd', 'sft'])
     p.add_argument('--demos-per-style', type=int, help='scripted demonstrations per style')
     p.add_argument('--pretrain-steps', type=int, help='BC steps')
-    p.add_argument('--label-episodes', type=int, help='episodes the operator labels (before)')
+    p.add_argument('--label-episodes', type=int,
+                   help='episodes the operator labels, all rounds together (default 20)')
+    p.add_argument('--label-rounds', type=int,
+                   help='label and fine-tune in this many rounds (default 2): the labelled episodes '
+                        'are split evenly, each round runs its episodes on the model the round '
+                        'before produced and fine-tunes that model on every label so far; 1 = '
+                        'label everything on the pretrained model, then fine-tune once')
     p.add_argument('--eval-episodes', type=int, help='episodes run after the hot swap')
     p.add_argument('--finetune-steps', type=int,
                    help='fine-tuning steps (default 1200)')
@@ -132,6 +138,7 @@ def _config(args):
         'method': getattr(args, 'method', 'rko'), 'seed': getattr(args, 'seed', 0),
         'demos_per_style': args.demos_per_style, 'pretrain_steps': args.pretrain_steps,
         'label_episodes': getattr(args, 'label_episodes', None),
+        'label_rounds': getattr(args, 'label_rounds', None),
         'eval_episodes': getattr(args, 'eval_episodes', None),
         'finetune_steps': args.finetune_steps,
         'lambda_sft': getattr(args, 'lambda_sft', None),
@@ -183,6 +190,7 @@ def _demo(args):
     from rko_ros.demo import pipeline, report
     from rko_ros.demo.loop import RosLoop, write_demo_params
     from rko_ros.demo.offline import summarize_dicts
+    from rko_ros.policy.store import ModelStore
     from rko_ros.ros.commands import default_config_path
     from rko_ros.sim.operator import SimulatedOperator
 
@@ -195,39 +203,52 @@ def _demo(args):
     pretrained, pretrain_metrics, _ = _pretrained(cfg)
     operator = SimulatedOperator(cfg.preferred_style)
     params = write_demo_params(os.path.join(cfg.data_dir, 'demo_params.yaml'), cfg, default_config_path())
-    _stage('3/5 bring-up (`rko up --sim`), episodes through the policy node, operator labels')
+    _stage('3/5 bring-up (`rko up --sim`)')
     loop = RosLoop(cfg.data_dir, params)
     try:
         loop.wait_ready()
-        before = []
-        for _ in tqdm(range(cfg.label_episodes), desc='episodes (labelled)', unit='episode'):
-            episode_id, result, label = loop.run_episode(
-                label_fn=lambda r: operator.label(SimpleNamespace(**r)))
-            before.append({'episode': episode_id, 'label': label, **result})
-        desirable = sum(bool(b['label']) for b in before)
-        skipped = ''
-        if cfg.method != 'sft' and desirable in (0, len(before)):
-            # Nothing to align to (or nothing to move away from): a person would record more.
-            skipped = (f'the operator labelled {desirable} of {len(before)} episodes desirable; '
-                       f'{cfg.method} needs both kinds. Record and label more episodes.')
-            new_version = pretrained
-            print(f'fine-tuning skipped: {skipped}', file=sys.stderr)
-        else:
-            _stage(f'4/5 fine-tuning ({cfg.method}) through trainer/start, hot swap')
-            bar = tqdm(total=cfg.finetune_steps, desc=f'fine-tuning ({cfg.method})', unit='step')
+        labelled, rounds, skipped = [], [], ''
+        new_version = pretrained
+        sizes = pipeline.round_sizes(cfg.label_episodes, cfg.label_rounds)
+        for r, count in enumerate(sizes, start=1):
+            of = f' (round {r} of {len(sizes)})' if len(sizes) > 1 else ''
+            _stage(f'3/5 episodes of {new_version} through the policy node, operator labels{of}')
+            episodes = []
+            for _ in tqdm(range(count), desc=f'episodes (labelled){of}', unit='episode'):
+                episode_id, result, label = loop.run_episode(
+                    label_fn=lambda res: operator.label(SimpleNamespace(**res)))
+                episodes.append({'episode': episode_id, 'label': label, 'round': r,
+                                 'model_version': new_version, **result})
+            labelled += episodes
+            round_info = {'round': r, 'model_version': new_version, 'episodes': len(episodes),
+                          'desirable': sum(bool(e['label']) for e in episodes),
+                          'summary': summarize_dicts(episodes, cfg.preferred_style)}
+            desirable = sum(bool(e['label']) for e in labelled)
+            if desirable == 0 or (cfg.method != 'sft' and desirable == len(labelled)):
+                # Nothing to align to (or nothing to move away from): a person would record more.
+                needs = 'desirable ones' if cfg.method == 'sft' else 'both kinds'
+                skipped = (f'the operator labelled {desirable} of {len(labelled)} episodes '
+                           f'desirable; {cfg.method} needs {needs}. Record and label more '
+                           f'episodes.')
+                print(f'fine-tuning skipped{of}: {skipped}', file=sys.stderr)
+            else:
+                _stage(f'4/5 fine-tuning ({cfg.method}) on {len(labelled)} labelled episodes '
+                       f'through trainer/start, hot swap{of}')
+                bar = tqdm(total=cfg.finetune_steps, desc=f'fine-tuning ({cfg.method})', unit='step')
 
-            def progress(status):
-                step = int(float(status.get('step', 0) or 0))
-                bar.update(max(0, step - bar.n))
-            try:
-                new_version = loop.finetune_and_reload(on_progress=progress)
-            except GuardRejected as exc:
-                # The guard refused every checkpoint: the robot keeps the pretrained model.
-                skipped = str(exc)
-                new_version = pretrained
-                print(f'\nfine-tuning rejected, the pretrained model stays: {skipped}',
-                      file=sys.stderr)
-            bar.close()
+                def progress(status):
+                    step = int(float(status.get('step', 0) or 0))
+                    bar.update(max(0, step - bar.n))
+                try:
+                    new_version, skipped = loop.finetune_and_reload(on_progress=progress), ''
+                except GuardRejected as exc:
+                    # The guard refused every checkpoint: the robot keeps the model it runs.
+                    skipped = str(exc)
+                    print(f'\nfine-tuning rejected, {new_version} stays: {skipped}', file=sys.stderr)
+                bar.close()
+            round_info.update(new_version=new_version, finetune_skipped=skipped)
+            rounds.append(round_info)
+        before = [e for e in labelled if e['round'] == 1]
         _stage(f'5/5 evaluation of {new_version} through the policy node')
         after = []
         for _ in tqdm(range(cfg.eval_episodes), desc='episodes (after)', unit='episode'):
@@ -236,25 +257,30 @@ def _demo(args):
         # The operator's undo button for models: back to the parent, then forward again.
         rollback_ok = reload_ok = None
         if new_version != pretrained:
+            parent = ModelStore(cfg.data_dir).previous_version(new_version)
             rollback_ok, _ = loop.call('policy/rollback')
             loop.spin_for(1.0)
             rolled_back_to = loop.policy_status.get('model_version')
             reload_ok, _ = loop.call('policy/reload')
-            rollback_ok = bool(rollback_ok) and rolled_back_to == pretrained
+            rollback_ok = bool(rollback_ok) and rolled_back_to == parent
     finally:
         loop.close()
     summary = {
         'preferred_style': cfg.preferred_style, 'method': cfg.method,
         'pretrained_version': pretrained, 'aligned_version': new_version,
-        'labelled_episodes': len(before), 'desirable_labels': sum(bool(b['label']) for b in before),
+        'labelled_episodes': len(labelled),
+        'desirable_labels': sum(bool(e['label']) for e in labelled), 'rounds': rounds,
         'before': summarize_dicts(before, cfg.preferred_style),
         'after': summarize_dicts(after, cfg.preferred_style),
-        'rollback_ok': rollback_ok, 'reload_ok': reload_ok, 'finetune_skipped': skipped,
+        'rollback_ok': rollback_ok, 'reload_ok': reload_ok,
+        # Why the robot still runs the pretrained model ('' when a fine-tuned one runs; a later
+        # round's refusal is in its `rounds` entry).
+        'finetune_skipped': skipped if new_version == pretrained else '',
         'pretrain': pretrain_metrics,
         'wall_s': round(time.perf_counter() - t0, 1)}
     summary['target_met'] = (summary['after']['preferred_success'] >= 0.9
                              and summary['labelled_episodes'] <= 20)
-    report_dir = report.write_demo_report(cfg, summary, before, after)
+    report_dir = report.write_demo_report(cfg, summary, labelled, after)
     summary['report_dir'] = report_dir
     print(report.demo_table(summary))
     if args.json:

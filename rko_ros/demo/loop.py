@@ -169,6 +169,10 @@ class RosLoop:
 
     def finetune_and_reload(self, timeout_s=3600.0, on_progress=None):
         """trainer/start, wait for the new version, check that the policy node now runs it."""
+        # The status of an earlier run (its 'done' may still be in flight) must not end this one:
+        # this run's status counts its elapsed time from its own start, after this call.
+        self.trainer_status.clear()
+        called = time.monotonic()
         ok, message = self.call('trainer/start')
         if not ok:
             raise RkoError(f'trainer/start refused: {message}')
@@ -177,6 +181,10 @@ class RosLoop:
         while time.monotonic() < deadline:
             self.spin_for(1.0)
             self._check_alive()
+            elapsed_s = float(self.trainer_status.get('elapsed_s') or 'inf')
+            if elapsed_s > time.monotonic() - called + 1.0:
+                state = ''
+                continue
             state = self.trainer_status.get('state', '')
             if on_progress is not None:
                 on_progress(dict(self.trainer_status))

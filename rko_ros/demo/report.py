@@ -23,8 +23,18 @@ def demo_table(summary):
         f"method {summary['method']}",
         f"  {summary['labelled_episodes']} labelled episodes ({summary['desirable_labels']} desirable), "
         f"model {summary['pretrained_version']} -> {summary['aligned_version']}",
+    ]
+    rounds = summary.get('rounds') or []
+    if len(rounds) > 1:
+        for r in rounds:
+            outcome = (f"-> {r['new_version']}" if r['new_version'] != r['model_version'] else
+                       f"kept: {r['finetune_skipped'].split('. ')[0]}")
+            lines.append(f"    round {r['round']}: {r['episodes']} episodes of {r['model_version']} "
+                         f"labelled, {r['desirable']} desirable (preferred-style success "
+                         f"{_pct(r['summary']['preferred_success']).strip()}), {outcome}")
+    lines += [
         '',
-        f"  {'':28}{'before':>10}{'after':>10}",
+        f"  {'':28}{'before':>10}{'after':>10}   (before: the pretrained model's labelled episodes)",
         f"  {'preferred-style success':28}{_pct(b['preferred_success']):>10}{_pct(a['preferred_success']):>10}",
         f"  {'preferred-style share':28}{_pct(b['preferred_style_share']):>10}{_pct(a['preferred_style_share']):>10}",
         f"  {'any-style success':28}{_pct(b['success_any_style']):>10}{_pct(a['success_any_style']):>10}",
@@ -92,13 +102,13 @@ def _render_frames(report_dir, cfg, version_dir, seeds, prefix):
     return paths
 
 
-def write_demo_report(cfg, summary, before, after):
+def write_demo_report(cfg, summary, labelled, after):
     from rko_ros.demo.pipeline import as_jsonable, ensure_dir, seeds_for
     from rko_ros.policy.store import ModelStore
     report_dir = ensure_dir(os.path.join(cfg.data_dir, 'report'))
     _plot_before_after(os.path.join(report_dir, 'before_after.png'), summary)
     with open(os.path.join(report_dir, 'summary.json'), 'w') as f:
-        json.dump(as_jsonable({'summary': summary, 'before': before, 'after': after}), f, indent=1)
+        json.dump(as_jsonable({'summary': summary, 'labelled': labelled, 'after': after}), f, indent=1)
     store = ModelStore(cfg.data_dir)
     seeds = seeds_for('bench', 2, cfg.seed)
     try:
