@@ -176,8 +176,16 @@ class PolicyNode(Node):
             if self.controller.runtime is None:  # the first model: its card sets the shapes
                 self.controller.reshape(runtime.card['n_obs_steps'],
                                         runtime.card['n_action_steps'], runtime.horizon)
+            # The store first: once the status names the new version, so does `models/active`
+            # (what trainer/start fine-tunes next).
+            try:
+                self.store.activate(version)
+            except OSError as exc:
+                message = (f'{what} to {version} failed, still running {current}: cannot mark it '
+                           f'active: {exc}')
+                self.get_logger().error(message)
+                return False, message
             self.controller.swap_runtime(runtime)
-            self.store.activate(version)
             message = f'{what}: now running {version} (was {current})'
             self.get_logger().info(message)
             return True, message
