@@ -200,7 +200,85 @@ def test_encoder_strides_set_the_keypoint_resolution_and_survive_a_checkpoint(tm
 def test_bench_inference_prints_json(capsys):
     from rko_ros.policy.commands import bench_inference
     result = bench_inference('small', repeats=2)
-    for key in ('ort_ms', 'torch_ms', 'max_abs_diff', 'provider', 'params'):
+    for key in ('ort_ms', 'ort_batch1_ms', 'torch_ms', 'max_abs_diff', 'provider', 'params'):
         assert key in result
     assert result['max_abs_diff'] < 1e-4
+    assert result['max_abs_diff_by_engine']['ort_batch1'] == 0.0
+    json.dumps(result)
+
+
+def test_batch_one_runtime_folds_shapes_and_matches(store_with_model, tmp_path):
+    """batch_size=1 (what a CUDA graph needs): the shape arithmetic of the dynamic-batch graph
+    is folded away, bound buffers give the same actions, other batches are refused."""
+    import onnx
+    import onnxruntime as ort
+    store, version, _ = store_with_model
+    plain = PolicyRuntime(store.version_dir(version))
+    fixed = PolicyRuntime(store.version_dir(version), batch_size=1)
+    for seed in range(3):
+        images, state, noise = _inputs(plain.card, seed=seed)
+        np.testing.assert_array_equal(fixed.predict(images, state, noise),
+                                      plain.predict(images, state, noise))
+    images, state, noise = _inputs(plain.card, batch=2)
+    with pytest.raises(PolicyInputError, match='runs batch 1, got 2'):
+        fixed.predict(images, state, noise)
+    assert fixed.predict(images[:1], state[:1], noise[:1]).shape == (1, plain.horizon, 3)
+
+    def optimized_ops(override):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f'opt{override}.onnx')
+        if override:
+            options.add_free_dimension_override_by_name('batch', 1)
+        ort.InferenceSession(plain.onnx_path, options, providers=['CPUExecutionProvider'])
+        return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    assert optimized_ops(False).count('Shape') > 10
+    assert optimized_ops(True).count('Shape') == 0
+
+
+def test_cuda_graph_without_cuda_is_refused_clearly(store_with_model):
+    store, version, _ = store_with_model
+    with pytest.raises(ModelFileError, match='cuda_graph needs the CUDAExecutionProvider'):
+        PolicyRuntime(store.version_dir(version), cuda_graph=True)
+    with pytest.raises(ModelFileError, match='batch 1'):
+        PolicyRuntime(store.version_dir(version), cuda_graph=True, batch_size=4)
+
+
+def test_static_batch_export_loads_in_onnx_runtime(tmp_path):
+    """A fixed-shape export constant-folds the spatial-softmax grid: it must stay float32 (a
+    traced linspace folded to double, which ONNX Runtime's LayerNormalization refused)."""
+    import warnings
+    import onnxruntime as ort
+    from rko_ros.policy.export import InferenceGraph
+    torch.manual_seed(0)
+    policy = DiffusionPolicy(tiny_config()).eval()
+    images, state, noise = _inputs({'inputs': [
+        {'name': 'images', 'shape': [1, 2, 1, 3, 32, 32]}, {'name': 'state', 'shape': [1, 2, 3]},
+        {'name': 'noise', 'shape': [1, 16, 3]}]}, batch=1)
+    args = tuple(torch.as_tensor(x) for x in (images, state, noise))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        torch.onnx.export(InferenceGraph(policy), args, str(tmp_path / 'static.onnx'),
+                          dynamo=False, input_names=['images', 'state', 'noise'],
+                          output_names=['actions'], opset_version=17, do_constant_folding=True)
+        expected = policy.sample(*args).numpy()
+    session = ort.InferenceSession(str(tmp_path / 'static.onnx'), providers=['CPUExecutionProvider'])
+    actions = session.run(None, {'images': images, 'state': state, 'noise': noise})[0]
+    np.testing.assert_allclose(actions, expected, atol=1e-4)
+
+
+def test_cuda_graph_training_needs_cuda():
+    from rko_ros.errors import TrainingError
+    from rko_ros.policy.train import train_bc
+    policy = DiffusionPolicy(tiny_config(train={'steps': 2}))
+    windows, _ = make_two_mode_windows(policy.config, n=8)
+    with pytest.raises(TrainingError, match="cuda_graph needs a CUDA device, not 'cpu'"):
+        train_bc(policy, windows, progress=False, cuda_graph=True)
+
+
+def test_bench_train_times_steps_and_learns():
+    from rko_ros.policy.commands import bench_train
+    result = bench_train('small', steps=30)
+    assert result['eager_ms_per_step'] > 0
+    assert result['eager_final_loss'] < result['eager_first_loss']
+    assert 'cuda_graph_ms_per_step' not in result  # no CUDA here: only the eager mode runs
     json.dumps(result)

@@ -42,14 +42,25 @@ class SpatialSoftmax(nn.Module):
         super().__init__()
         self.keypoints = nn.Conv2d(channels, num_keypoints, 1)
 
+    def _grid(self, h, w, x):
+        # The coordinate grid enters the graph as a float32 constant: traced torch.linspace
+        # exports as double arithmetic, which a static-shape export folds into a double tensor
+        # that ONNX Runtime's float LayerNormalization then rejects. Cached per size and device,
+        # so a training step makes no host-to-device copy (and can be captured in a CUDA graph).
+        key = (h, w, x.device, x.dtype)
+        cache = self.__dict__.setdefault('_grids', {})
+        if key not in cache:
+            ys = torch.linspace(-1.0, 1.0, h).tolist()
+            xs = torch.linspace(-1.0, 1.0, w).tolist()
+            grid = torch.tensor([xs * h, [y for y in ys for _ in range(w)]], dtype=torch.float32)
+            cache[key] = grid.to(device=x.device, dtype=x.dtype)
+        return cache[key][0], cache[key][1]
+
     def forward(self, x):
         maps = self.keypoints(x)
         b, k, h, w = maps.shape
         attention = torch.softmax(maps.flatten(2), dim=-1)                       # B,K,hw
-        ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)
-        xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)
-        grid_y = ys.view(h, 1).expand(h, w).reshape(-1)
-        grid_x = xs.view(1, w).expand(h, w).reshape(-1)
+        grid_x, grid_y = self._grid(h, w, x)
         return torch.cat([(attention * grid_x).sum(-1), (attention * grid_y).sum(-1)], dim=-1)
 
 

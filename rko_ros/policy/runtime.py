@@ -7,6 +7,7 @@ PolicyInputError, never an action computed from bad data.
 """
 import hashlib
 import os
+import threading
 import time
 
 import numpy as np
@@ -40,7 +41,12 @@ def choose_providers(requested=None):
 
 
 class PolicyRuntime:
-    def __init__(self, model_dir, providers=None, intra_op_threads=0):
+    def __init__(self, model_dir, providers=None, intra_op_threads=0, batch_size=None,
+                 cuda_graph=False):
+        """`batch_size` fixes the batch axis (1 for a robot): ONNX Runtime then folds the shape
+        arithmetic away and inputs/outputs stay in buffers bound once. `cuda_graph` (CUDA
+        provider only, implies batch 1) captures the whole chunk - encoders and every DDIM step,
+        about 3300 kernels - in one CUDA graph on the first call and replays it after."""
         import onnxruntime as ort
         if os.path.isdir(model_dir):
             self.onnx_path = os.path.join(model_dir, 'policy.onnx')
@@ -65,20 +71,49 @@ class PolicyRuntime:
                 f'{self.onnx_path} has sha256 {actual_sha[:12]}..., its card says '
                 f'{str(expected_sha)[:12]}...: the file was replaced or damaged; re-export it or '
                 f'roll back to another version')
+        self.version = self.card.get('version') or os.path.basename(self.model_dir)
+        self.input_spec = {spec['name']: spec for spec in self.card['inputs']}
+        self.last_latency_ms = None
+        chosen = choose_providers(providers)
+        self.cuda_graph = bool(cuda_graph)
+        if self.cuda_graph:
+            if batch_size not in (None, 1):
+                raise ModelFileError(f'cuda_graph runs batch 1, not batch_size={batch_size}')
+            batch_size = 1
+            if not chosen or chosen[0] != 'CUDAExecutionProvider':
+                raise ModelFileError(f'cuda_graph needs the CUDAExecutionProvider first; the '
+                                     f'providers here are {chosen} (install onnxruntime-gpu, '
+                                     f'requirements/gpu.txt, or run without a CUDA graph)')
+            chosen = [('CUDAExecutionProvider', {'enable_cuda_graph': '1'})] + chosen[1:]
+        self.batch_size = None if batch_size is None else int(batch_size)
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ModelFileError(f'batch_size must be at least 1, got {batch_size}')
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
             options.intra_op_num_threads = int(intra_op_threads)
+        if self.batch_size is not None:
+            batch_dim = self.card['inputs'][0]['shape'][0]
+            if isinstance(batch_dim, str):
+                options.add_free_dimension_override_by_name(batch_dim, self.batch_size)
+            elif batch_dim != self.batch_size:
+                raise ModelFileError(f'{self.onnx_path} was exported for batch {batch_dim}, '
+                                     f'not {self.batch_size}')
         try:
-            self.session = ort.InferenceSession(self.onnx_path, options,
-                                                providers=choose_providers(providers))
+            self.session = ort.InferenceSession(self.onnx_path, options, providers=chosen)
         except Exception as exc:
-            raise ModelFileError(f'ONNX Runtime cannot load {self.onnx_path}: {exc}') from exc
+            what = ' with a CUDA graph' if self.cuda_graph else ''
+            raise ModelFileError(f'ONNX Runtime cannot load {self.onnx_path}{what}: {exc}') from exc
         self.provider = self.session.get_providers()[0]
         self._check_graph_against_card()
-        self.version = self.card.get('version') or os.path.basename(self.model_dir)
-        self.input_spec = {spec['name']: spec for spec in self.card['inputs']}
-        self.last_latency_ms = None
+        self._lock = threading.Lock()
+        self._binding = self._bind() if self.batch_size is not None else None
+        if self.cuda_graph:  # capture now, not in the robot's first control tick
+            try:
+                self.predict(*self._zero_inputs())
+            except Exception as exc:
+                raise ModelFileError(f'ONNX Runtime cannot capture {self.onnx_path} in a CUDA '
+                                     f'graph: {exc}') from exc
 
     def _check_graph_against_card(self):
         graph = {i.name: i for i in self.session.get_inputs()}
@@ -89,9 +124,43 @@ class PolicyRuntime:
                                      f'{self.onnx_path} (graph inputs {sorted(graph)}); re-export')
             graph_shape = [d if isinstance(d, int) else None for d in node.shape]
             card_shape = [d if isinstance(d, int) else None for d in spec['shape']]
+            if self.batch_size is not None:  # the session reports the overridden batch axis
+                graph_shape[0] = card_shape[0] = None
             if graph_shape != card_shape:
                 raise ModelFileError(f"input '{spec['name']}': graph shape {node.shape} != card "
                                      f"shape {spec['shape']}; the card belongs to another model")
+
+    def _bind(self):
+        """Input and output buffers bound once (on the GPU for a CUDA graph, which replays
+        against fixed addresses); predict copies each call's data into them."""
+        import onnxruntime as ort
+        device = 'cuda' if self.provider == 'CUDAExecutionProvider' else 'cpu'
+        binding = self.session.io_binding()
+        buffers = {}
+        for spec in self.card['inputs'] + self.card['outputs']:
+            shape = [self.batch_size] + list(spec['shape'][1:])
+            value = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, _DTYPES[spec['dtype']]),
+                                                     device, 0)
+            buffers[spec['name']] = value
+            if spec in self.card['outputs']:
+                binding.bind_ortvalue_output(spec['name'], value)
+            else:
+                binding.bind_ortvalue_input(spec['name'], value)
+        return binding, buffers
+
+    def _zero_inputs(self):
+        return [np.zeros(self.input_spec[name]['shape'][1:], _DTYPES[self.input_spec[name]['dtype']])
+                for name in ('images', 'state', 'noise')]
+
+    def _run(self, feeds):
+        if self._binding is None:
+            return self.session.run(['actions'], feeds)[0]
+        binding, buffers = self._binding
+        with self._lock:  # one set of bound buffers
+            for name, value in feeds.items():
+                buffers[name].update_inplace(value)
+            self.session.run_with_iobinding(binding)
+            return buffers['actions'].numpy()
 
     # --- queries -----------------------------------------------------------------------------
     @property
@@ -151,6 +220,10 @@ class PolicyRuntime:
         b = images.shape[0] if batched else 1
         if batched and state.shape[0] != b:
             raise PolicyInputError(f'state batch {state.shape[0]} != images batch {b}')
+        if self.batch_size is not None and b != self.batch_size:
+            raise PolicyInputError(f'this runtime of model {self.version} runs batch '
+                                   f'{self.batch_size}{" (CUDA graph)" if self.cuda_graph else ""}, '
+                                   f'got {b}; load another PolicyRuntime for batched rollouts')
         if noise is None:
             rng = np.random.default_rng(seed)
             noise = rng.standard_normal((b, self.horizon, self.action_dim)).astype(np.float32)
@@ -160,7 +233,7 @@ class PolicyRuntime:
                  'state': state if batched else state[None],
                  'noise': noise if batched else noise[None]}
         start = time.perf_counter()
-        actions = self.session.run(['actions'], feeds)[0]
+        actions = self._run(feeds)
         self.last_latency_ms = (time.perf_counter() - start) * 1e3
         if not np.isfinite(actions).all():
             raise PolicyInputError(f'model {self.version} produced NaN/inf actions; not acting. '

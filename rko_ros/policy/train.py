@@ -94,10 +94,19 @@ def check_device(device):
 
 
 def train_bc(policy, windows, train_cfg=None, progress=True, fit_normalizer=True, device='cpu',
-             log_every=50, on_step=None):
-    """Train `policy` in place and return (ema_policy, metrics). The EMA copy is the one to export."""
+             log_every=50, on_step=None, cuda_graph=None):
+    """Train `policy` in place and return (ema_policy, metrics). The EMA copy is the one to export.
+
+    `cuda_graph` (None: on for a CUDA device) captures one whole step - forward, backward,
+    gradient clipping, AdamW and the EMA update - in a CUDA graph after three eager steps and
+    replays it: the network is small, so an eager GPU step mostly waits on kernel launches.
+    """
     cfg = train_cfg or policy.config.train
     device = check_device(device)
+    on_cuda = torch.device(device).type == 'cuda'
+    graphed = on_cuda if cuda_graph is None else bool(cuda_graph)
+    if graphed and not on_cuda:
+        raise TrainingError(f"cuda_graph needs a CUDA device, not '{device}'")
     if len(windows) == 0:
         raise TrainingError('no training windows: record or generate episodes first '
                             '(`rko episodes list` shows what is there)')
@@ -111,27 +120,21 @@ def train_bc(policy, windows, train_cfg=None, progress=True, fit_normalizer=True
         policy.fit_normalizer(states.reshape(-1, states.shape[-1]), actions.reshape(-1, actions.shape[-1]))
     policy.to(device).train()
     ema = copy.deepcopy(policy).eval() if cfg.ema_decay > 0 else policy
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step_fn = (GraphedBCStep if graphed else EagerBCStep)(policy, ema, cfg, device)
     losses = []
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, desc='pretrain (BC)', unit='step', dynamic_ncols=True)
     for step in range(cfg.steps):
-        for group in optimizer.param_groups:
-            group['lr'] = lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr)
-        batch = collate(windows, rng.integers(0, len(windows), size=cfg.batch_size), device)
-        loss = policy.bc_loss(batch)
-        if not torch.isfinite(loss):
-            raise TrainingError(f'BC loss became {loss.item()} at step {step}; lower train.lr '
+        lr = lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr)
+        batch = collate(windows, rng.integers(0, len(windows), size=cfg.batch_size),
+                        'cpu' if graphed else device)
+        loss = step_fn(batch, lr, min(cfg.ema_decay, (1.0 + step) / (10.0 + step)))
+        if not math.isfinite(loss):
+            raise TrainingError(f'BC loss became {loss} at step {step}; lower train.lr '
                                 f'(now {cfg.lr}) or check the data for outliers')
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        optimizer.step()
-        if ema is not policy:
-            ema_update(ema, policy, min(cfg.ema_decay, (1.0 + step) / (10.0 + step)))
-        losses.append(loss.item())
+        losses.append(loss)
         if bar is not None:
             bar.update(1)
             if step % log_every == 0:
@@ -143,4 +146,88 @@ def train_bc(policy, windows, train_cfg=None, progress=True, fit_normalizer=True
     ema.eval()
     tail = losses[-max(1, len(losses) // 10):]
     return ema, {'steps': cfg.steps, 'final_loss': float(np.mean(tail)), 'first_loss': losses[0],
-                 'windows': len(windows), 'device': device}
+                 'windows': len(windows), 'device': device, 'cuda_graph': graphed}
+
+
+class EagerBCStep:
+    """One BC step as plain torch calls; returns the loss (not stepped when it is not finite)."""
+
+    def __init__(self, policy, ema, cfg, device):
+        self.policy, self.ema = policy, ema
+        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr,
+                                           weight_decay=cfg.weight_decay)
+
+    def __call__(self, batch, lr, ema_decay):
+        for group in self.optimizer.param_groups:
+            group['lr'] = lr
+        loss = self.policy.bc_loss(batch)
+        if not torch.isfinite(loss):
+            return loss.item()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
+        self.optimizer.step()
+        if self.ema is not self.policy:
+            ema_update(self.ema, self.policy, ema_decay)
+        return loss.item()
+
+
+class GraphedBCStep:
+    """The same step captured in one CUDA graph: the batch is copied into fixed buffers, the
+    learning rate and EMA weight live in device tensors (AdamW capturable), the timesteps and
+    noise come from the CUDA generator, which graphs replay with fresh draws."""
+
+    WARMUP_STEPS = 3
+
+    def __init__(self, policy, ema, cfg, device):
+        self.policy, self.ema, self.device = policy, ema, device
+        self.lr = torch.tensor(float(cfg.lr), device=device)
+        self.ema_weight = torch.zeros((), device=device)
+        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=self.lr,
+                                           weight_decay=cfg.weight_decay, capturable=True)
+        self.static = None
+        self.graph = None
+        self.loss = None
+        self.calls = 0
+
+    def _step(self):
+        loss = self.policy.bc_loss(self.static)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
+        self.optimizer.step()
+        if self.ema is not self.policy:
+            with torch.no_grad():  # ema += w (p - ema), w a device tensor (no host sync)
+                ema_params = list(self.ema.parameters())
+                diffs = torch._foreach_sub([p.detach() for p in self.policy.parameters()],
+                                           ema_params)
+                torch._foreach_mul_(diffs, self.ema_weight)
+                torch._foreach_add_(ema_params, diffs)
+                for b_ema, b in zip(self.ema.buffers(), self.policy.buffers()):
+                    b_ema.copy_(b)
+        return loss.detach()
+
+    def __call__(self, batch, lr, ema_decay):
+        if self.static is None:
+            self.static = {k: v.to(self.device) for k, v in batch.items()}
+        else:
+            for k, v in batch.items():
+                self.static[k].copy_(v)
+        for group in self.optimizer.param_groups:
+            group['lr'].fill_(lr)
+        self.ema_weight.fill_(1.0 - ema_decay)
+        self.calls += 1
+        if self.calls <= self.WARMUP_STEPS:  # eager, on a side stream as capture requires
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self._step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return loss.item()
+        if self.graph is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.loss = self._step()
+        self.graph.replay()
+        return self.loss.item()

@@ -1,6 +1,5 @@
 """`rko up` (the nodes in one process, for machines without `ros2 launch`) and
 `rko bench control-loop`. rclpy and the nodes are imported inside the handlers."""
-import json
 import os
 import subprocess
 import sys
@@ -201,9 +200,5 @@ def _bench_control_loop(args):
               'skipped_actions': controller.scheduler.skipped_actions,
               'refused': refused, 'sim_nice': args.sim_nice, 'cpu_count': os.cpu_count(),
               'load_avg_1m': round(os.getloadavg()[0], 2)}
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f'{key}: {value}')
-    return 0
+    from rko_ros.policy.commands import print_result
+    return print_result(result, args.json)

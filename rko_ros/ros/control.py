@@ -373,6 +373,8 @@ class PolicyController:
         out.update(enabled=self.enabled, skipped_actions=self.scheduler.skipped_actions,
                    latency_ticks=self.scheduler.latency_ticks,
                    model_version=getattr(self.runtime, 'version', None),
+                   provider=getattr(self.runtime, 'provider', None),
+                   cuda_graph=getattr(self.runtime, 'cuda_graph', False),
                    refused={k: v for k, v in self.gate.counts.items() if v},
                    last_refusal=self.gate.last_message)
         return out

@@ -61,6 +61,9 @@ PARAMETERS = {
     'inference_threads': Param(1, 'ONNX Runtime intra-op threads (0: its default, which on a '
                                'small CPU competes with the control tick)',
                                range=(0, 64)),
+    'cuda_graph': Param(True, 'on the CUDA provider, run each chunk as one captured CUDA graph '
+                        '(batch 1, captured at load); when ONNX Runtime cannot capture a model '
+                        'the node logs why and runs it without'),
 }
 
 
@@ -143,10 +146,18 @@ class PolicyNode(Node):
 
     def _load(self, version):
         """Load and check a version beside the running one; raises ModelFileError."""
-        from rko_ros.policy.runtime import PolicyRuntime
+        from rko_ros.policy.runtime import PolicyRuntime, choose_providers
         p = self.params
-        runtime = PolicyRuntime(self.store.version_dir(version),
-                                intra_op_threads=p['inference_threads'])
+        runtime = None
+        if p['cuda_graph'] and choose_providers()[:1] == ['CUDAExecutionProvider']:
+            try:
+                runtime = PolicyRuntime(self.store.version_dir(version), cuda_graph=True)
+            except ModelFileError as exc:
+                self.get_logger().warning(f'model {version}: no CUDA graph ({exc}); running it '
+                                          f'on the CUDA provider without one')
+        if runtime is None:
+            runtime = PolicyRuntime(self.store.version_dir(version),
+                                    intra_op_threads=p['inference_threads'])
         runtime.check_matches(camera_names=p['camera_names'], joint_names=p['joint_names'],
                               control_rate_hz=p['control_rate_hz'])
         limits = flat_limits('policy_node', p['action_limits'], runtime.action_dim)
