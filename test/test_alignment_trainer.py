@@ -413,3 +413,13 @@ def test_preference_interval_scores_the_method_at_high_noise_and_anchors_everywh
                           progress=False)
     with pytest.raises(TrainingError, match='preference_min_timestep=-1'):
         FinetuneConfig(method=method, preference_min_timestep=-1)
+
+
+def test_labels_problem_is_the_rule_the_demo_and_trainer_share():
+    from rko_ros.alignment.trainer import labels_problem
+    assert 'no labelled episodes' in labels_problem('rko', 0, 0)
+    assert labels_problem('sft', 1, 0) is None
+    assert labels_problem('sft', 0, 5) == 'sft needs desirable episodes; none is labelled good'
+    assert 'no undesirable (bad) one (3 good, 0 bad)' in labels_problem('kto', 3, 0)
+    assert 'no desirable (good) one (0 good, 4 bad)' in labels_problem('rko', 0, 4)
+    assert labels_problem('rko', 1, 1) is None

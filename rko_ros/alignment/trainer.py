@@ -168,24 +168,29 @@ def _split_episodes(data, fraction, rng):
     return np.flatnonzero(~mask), np.flatnonzero(mask), sorted(int(e) for e in holdout)
 
 
+def labels_problem(method, n_good, n_bad):
+    """Why `method` cannot fine-tune on n_good desirable and n_bad undesirable episodes, or None.
+    One rule for the trainer (check_labels) and for whoever decides whether to start it."""
+    if n_good + n_bad == 0:
+        return ('no labelled episodes: label some with feedback/label_last or '
+                '`rko episodes label ID good|bad` first')
+    if method == 'sft':
+        return None if n_good else 'sft needs desirable episodes; none is labelled good'
+    if not n_good or not n_bad:
+        which = 'desirable (good)' if not n_good else 'undesirable (bad)'
+        return (f'{method} needs both desirable and undesirable episodes; there is no {which} one '
+                f'({n_good} good, {n_bad} bad). Label more episodes or use --method sft')
+    return None
+
+
 def check_labels(data, method, batch_size):
     pos = np.flatnonzero(data.label > 0)
     neg = np.flatnonzero(data.label < 0)
-    n_pos_ep = len(set(data.episode_index[pos].tolist()))
-    n_neg_ep = len(set(data.episode_index[neg].tolist()))
-    if len(pos) + len(neg) == 0:
-        raise TrainingError('no labelled episodes: label some with feedback/label_last or '
-                            '`rko episodes label ID good|bad` first')
-    if method == 'sft':
-        if not len(pos):
-            raise TrainingError('sft needs desirable episodes; none is labelled good')
-        return
-    if not len(pos) or not len(neg):
-        which = 'desirable (good)' if not len(pos) else 'undesirable (bad)'
-        raise TrainingError(f'{method} needs both desirable and undesirable episodes; there is no '
-                            f'{which} one ({n_pos_ep} good, {n_neg_ep} bad). Label more episodes '
-                            f'or use --method sft')
-    if min(len(pos), len(neg)) < 2:
+    problem = labels_problem(method, len(set(data.episode_index[pos].tolist())),
+                             len(set(data.episode_index[neg].tolist())))
+    if problem:
+        raise TrainingError(problem)
+    if method != 'sft' and min(len(pos), len(neg)) < 2:
         raise TrainingError(f'too few labelled windows ({len(pos)} good, {len(neg)} bad) for a batch '
                             f'of {batch_size}; record longer or more episodes')
 

@@ -187,6 +187,7 @@ def _pretrained(cfg, progress=True):
 
 def _demo(args):
     from tqdm import tqdm
+    from rko_ros.alignment.trainer import labels_problem
     from rko_ros.demo import pipeline, report
     from rko_ros.demo.loop import RosLoop, write_demo_params
     from rko_ros.demo.offline import summarize_dicts
@@ -224,12 +225,11 @@ def _demo(args):
                           'desirable': sum(bool(e['label']) for e in episodes),
                           'summary': summarize_dicts(episodes, cfg.preferred_style)}
             desirable = sum(bool(e['label']) for e in labelled)
-            if desirable == 0 or (cfg.method != 'sft' and desirable == len(labelled)):
+            problem = labels_problem(cfg.method, desirable, len(labelled) - desirable)
+            if problem:
                 # Nothing to align to (or nothing to move away from): a person would record more.
-                needs = 'desirable ones' if cfg.method == 'sft' else 'both kinds'
                 skipped = (f'the operator labelled {desirable} of {len(labelled)} episodes '
-                           f'desirable; {cfg.method} needs {needs}. Record and label more '
-                           f'episodes.')
+                           f'desirable; {problem}')
                 print(f'fine-tuning skipped{of}: {skipped}', file=sys.stderr)
             else:
                 _stage(f'4/5 fine-tuning ({cfg.method}) on {len(labelled)} labelled episodes '

@@ -183,7 +183,6 @@ class RosLoop:
             self._check_alive()
             elapsed_s = float(self.trainer_status.get('elapsed_s') or 'inf')
             if elapsed_s > time.monotonic() - called + 1.0:
-                state = ''
                 continue
             state = self.trainer_status.get('state', '')
             if on_progress is not None:
