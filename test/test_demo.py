@@ -181,3 +181,32 @@ def test_label_rounds_split_the_labelled_episodes(tmp_path):
                          timeout=120)
     assert bad.returncode == 2 and 'label_rounds=0 must be 1..label_episodes (4)' in bad.stderr
     assert not (tmp_path / 'd').exists()      # refused before anything was written
+
+
+def test_a_round_waits_for_desirable_labels_within_its_cap():
+    """Round 1 of 20 in two rounds plans 10 and may take up to 15 while the labels so far hold
+    fewer than two desirable episodes; the last round takes what is left."""
+    from rko_ros.demo.pipeline import round_done, round_plan
+    assert round_plan(20, 2) == (10, 15) and round_plan(20, 1) == (20, 20)
+    assert round_plan(21, 3) == (7, 15) and round_plan(4, 2) == (2, 3)
+
+    def simulate(labels, min_desirable=2, method='rko', total=20, rounds=2):
+        sizes, used = [], 0
+        for r in range(rounds):
+            planned, cap = round_plan(total - used, rounds - r)
+            n = 0
+            while not round_done(n, planned, cap, sum(labels[:used + n]),
+                                 used + n - sum(labels[:used + n]), method, min_desirable):
+                n += 1
+            sizes.append(n)
+            used += n
+        return sizes
+    seed0 = [0, 1, 0, 0, 0, 0, 1, 0, 0, 0] + [1, 0] * 5      # two desirable in round 1
+    assert simulate(seed0) == [10, 10]
+    late = [0] * 12 + [1, 0, 1] + [0] * 5                    # the second one at episode 15
+    assert simulate(late) == [15, 5]
+    never = [0] * 20                                         # the cap ends the wait
+    assert simulate(never) == [15, 5]
+    assert simulate(late, min_desirable=0) == [10, 10]       # 0: fixed even rounds
+    assert simulate([1] * 20, method='sft') == [10, 10]
+    assert simulate([1] * 20) == [15, 5]                     # rko also needs an undesirable one

@@ -32,6 +32,10 @@ def register(subparsers):
                         'are split evenly, each round runs its episodes on the model the round '
                         'before produced and fine-tunes that model on every label so far; 1 = '
                         'label everything on the pretrained model, then fine-tune once')
+    p.add_argument('--round-min-desirable', type=int,
+                   help='a round before the last keeps labelling on the same model until this many '
+                        'labels so far are desirable, using at most half of each later round\'s '
+                        'share (default 2; 0 = fixed even rounds)')
     p.add_argument('--eval-episodes', type=int, help='episodes run after the hot swap')
     p.add_argument('--finetune-steps', type=int,
                    help='fine-tuning steps (default 1200)')
@@ -139,6 +143,7 @@ def _config(args):
         'demos_per_style': args.demos_per_style, 'pretrain_steps': args.pretrain_steps,
         'label_episodes': getattr(args, 'label_episodes', None),
         'label_rounds': getattr(args, 'label_rounds', None),
+        'round_min_desirable': getattr(args, 'round_min_desirable', None),
         'eval_episodes': getattr(args, 'eval_episodes', None),
         'finetune_steps': args.finetune_steps,
         'lambda_sft': getattr(args, 'lambda_sft', None),
@@ -210,16 +215,31 @@ def _demo(args):
         loop.wait_ready()
         labelled, rounds, skipped = [], [], ''
         new_version = pretrained
-        sizes = pipeline.round_sizes(cfg.label_episodes, cfg.label_rounds)
-        for r, count in enumerate(sizes, start=1):
-            of = f' (round {r} of {len(sizes)})' if len(sizes) > 1 else ''
+        n_rounds = cfg.label_rounds
+        for r in range(1, n_rounds + 1):
+            of = f' (round {r} of {n_rounds})' if n_rounds > 1 else ''
+            planned, cap = pipeline.round_plan(cfg.label_episodes - len(labelled), n_rounds - r + 1)
             _stage(f'3/5 episodes of {new_version} through the policy node, operator labels{of}')
             episodes = []
-            for _ in tqdm(range(count), desc=f'episodes (labelled){of}', unit='episode'):
+            bar = tqdm(total=planned, desc=f'episodes (labelled){of}', unit='episode')
+            while True:
+                good = sum(bool(e['label']) for e in labelled + episodes)
+                if pipeline.round_done(len(episodes), planned, cap, good,
+                                       len(labelled) + len(episodes) - good, cfg.method,
+                                       cfg.round_min_desirable):
+                    break
+                if len(episodes) == bar.total:  # waiting for a desirable label: one more
+                    bar.total += 1
+                    bar.refresh()
                 episode_id, result, label = loop.run_episode(
                     label_fn=lambda res: operator.label(SimpleNamespace(**res)))
                 episodes.append({'episode': episode_id, 'label': label, 'round': r,
                                  'model_version': new_version, **result})
+                bar.update(1)
+            bar.close()
+            if len(episodes) > planned:
+                print(f'round {r} labelled {len(episodes)} episodes (planned {planned}): it '
+                      f'waited for {cfg.round_min_desirable} desirable labels', file=sys.stderr)
             labelled += episodes
             round_info = {'round': r, 'model_version': new_version, 'episodes': len(episodes),
                           'desirable': sum(bool(e['label']) for e in episodes),

@@ -46,6 +46,11 @@ class DemoConfig:
     # 72.5 / 71.25%. Full `make demo`: 20% -> 80% (share 95%). One more fine-tuning: about 4
     # minutes here.
     label_rounds: int = 2
+    # A round that is not the last keeps labelling on the same model until the labels so far hold
+    # this many desirable episodes (and the method has both kinds), up to half of every later
+    # round's share: round 1 of the seed-1 demo had none in its 10, skipped its fine-tuning and
+    # the demo reached 60% with one fine-tuning. 0: rounds are always their even share.
+    round_min_desirable: int = 2
     eval_episodes: int = 20
     method: str = 'rko'
     # 1200 steps with the retrieval anchor, all of them run (patience 0): the held-out margin
@@ -76,7 +81,8 @@ class DemoConfig:
     @classmethod
     def quick(cls, **overrides):
         values = dict(demos_per_style=2, pretrain_steps=20, label_episodes=4, eval_episodes=2,
-                      finetune_steps=6, image_size_px=(32, 32), batch_size=16)
+                      finetune_steps=6, image_size_px=(32, 32), batch_size=16,
+                      round_min_desirable=0)
         values.update(overrides)
         return cls(**values)
 
@@ -84,6 +90,8 @@ class DemoConfig:
         if not 1 <= int(self.label_rounds) <= max(1, int(self.label_episodes)):
             raise ConfigError(f'label_rounds={self.label_rounds} must be 1..label_episodes '
                               f'({self.label_episodes}): every round labels at least one episode')
+        if int(self.round_min_desirable) < 0:
+            raise ConfigError(f'round_min_desirable={self.round_min_desirable} must be >= 0')
 
     def task_config(self):
         return TaskConfig(image_size_px=tuple(self.image_size_px))
@@ -164,6 +172,27 @@ def round_sizes(episodes, rounds):
     """Labelled episodes per round, as even as they go (earlier rounds take the remainder)."""
     base, extra = divmod(int(episodes), int(rounds))
     return [base + (1 if i < extra else 0) for i in range(int(rounds))]
+
+
+def round_plan(remaining, rounds_left):
+    """(planned, cap) for the next round: its even share of the `remaining` labelled episodes,
+    and the most it may take when it waits for a desirable label (every later round keeps at
+    least half of its share)."""
+    planned = round_sizes(remaining, rounds_left)[0]
+    if rounds_left <= 1:
+        return planned, planned
+    return planned, remaining - (rounds_left - 1) * max(1, planned // 2)
+
+
+def round_done(labelled_in_round, planned, cap, n_good, n_bad, method, min_desirable):
+    """Whether a round with `labelled_in_round` episodes stops labelling (n_good / n_bad count
+    every label so far: the fine-tuning uses them all)."""
+    from rko_ros.alignment.trainer import labels_problem
+    if labelled_in_round < planned:
+        return False
+    if labelled_in_round >= cap or min_desirable <= 0:
+        return True
+    return n_good >= min_desirable and labels_problem(method, n_good, n_bad) is None
 
 
 def seeds_for(stage, count, base_seed=0):

@@ -15,6 +15,11 @@ import yaml
 
 from rko_ros.errors import ModelFileError, PolicyInputError
 
+# CUDA graph capture must not overlap another thread's CUDA work (a synchronous copy or an
+# allocation there invalidates the capture, or fails): a hot swap captures the new model while the
+# control loop still runs the old one. Every run on the CUDA provider and every capture take it.
+_CUDA_LOCK = threading.Lock()
+
 PREFERRED_PROVIDERS = ('TensorrtExecutionProvider', 'CUDAExecutionProvider', 'CPUExecutionProvider')
 _DTYPES = {'uint8': np.uint8, 'float32': np.float32}
 
@@ -153,10 +158,10 @@ class PolicyRuntime:
                 for name in ('images', 'state', 'noise')]
 
     def _run(self, feeds):
-        if self._binding is None:
-            return self.session.run(['actions'], feeds)[0]
-        binding, buffers = self._binding
-        with self._lock:  # one set of bound buffers
+        with _CUDA_LOCK if self.provider == 'CUDAExecutionProvider' else self._lock:
+            if self._binding is None:
+                return self.session.run(['actions'], feeds)[0]
+            binding, buffers = self._binding   # one set of bound buffers: the lock guards it
             for name, value in feeds.items():
                 buffers[name].update_inplace(value)
             self.session.run_with_iobinding(binding)
