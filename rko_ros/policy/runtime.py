@@ -51,7 +51,7 @@ class PolicyRuntime:
         """`batch_size` fixes the batch axis (1 for a robot): ONNX Runtime then folds the shape
         arithmetic away and inputs/outputs stay in buffers bound once. `cuda_graph` (CUDA
         provider only, implies batch 1) captures the whole chunk - encoders and every DDIM step,
-        about 3300 kernels - in one CUDA graph on the first call and replays it after."""
+        about 3300 kernels - in one CUDA graph when it loads and replays it on every call."""
         import onnxruntime as ort
         if os.path.isdir(model_dir):
             self.onnx_path = os.path.join(model_dir, 'policy.onnx')
