@@ -10,8 +10,11 @@ from rko_ros.policy.store import ModelStore
 
 def test_quick_demo_runs_the_loop_end_to_end(tmp_path):
     out = tmp_path / 'demo'
+    # Two desirable labels of 5 cannot come from 4 labels: round 1 waits for them up to its cap
+    # (3 of the 4), round 2 labels the last one.
     result = subprocess.run([sys.executable, '-m', 'rko_ros.cli', 'demo', '--quick', '--out', str(out),
-                             '--json'], capture_output=True, text=True, timeout=900)
+                             '--round-min-desirable', '5', '--json'],
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert 'preferred-style success' in result.stdout
@@ -50,12 +53,13 @@ def test_quick_demo_runs_the_loop_end_to_end(tmp_path):
     report = os.listdir(summary['report_dir'])
     assert 'before_after.png' in report and 'summary.json' in report
     assert any(name.startswith('after_episode') for name in report)
-    # Two label rounds of two episodes: round 2 ran on the model round 1 left running.
+    # Two label rounds, 3 + 1 (see above): round 2 ran on the model round 1 left running.
     rounds = summary['rounds']
-    assert [r['episodes'] for r in rounds] == [2, 2] and rounds[0]['model_version'] == pretrained
+    assert [r['episodes'] for r in rounds] == [3, 1] and rounds[0]['model_version'] == pretrained
+    assert 'round 1 labelled 3 episodes (planned 2)' in result.stderr
     assert rounds[1]['model_version'] == rounds[0]['new_version']
     assert rounds[-1]['new_version'] == summary['aligned_version']
-    assert 'round 2: 2 episodes of' in result.stdout
+    assert 'round 2: 1 episode of' in result.stdout
     _two_finetunings_in_a_row(out, list(labels))
 
 

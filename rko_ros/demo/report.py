@@ -29,7 +29,8 @@ def demo_table(summary):
         for r in rounds:
             outcome = (f"-> {r['new_version']}" if r['new_version'] != r['model_version'] else
                        f"kept: {r['finetune_skipped'].split('. ')[0]}")
-            lines.append(f"    round {r['round']}: {r['episodes']} episodes of {r['model_version']} "
+            plural = 's' if r['episodes'] != 1 else ''
+            lines.append(f"    round {r['round']}: {r['episodes']} episode{plural} of {r['model_version']} "
                          f"labelled, {r['desirable']} desirable (preferred-style success "
                          f"{_pct(r['summary']['preferred_success']).strip()}), {outcome}")
     lines += [
