@@ -195,7 +195,7 @@ def bench_inference(preset='small', repeats=30, device='cpu', providers=None):
         torch_policy = policy.to(device)
         t_images, t_state, t_noise = (torch.as_tensor(x, device=device) for x in (images, state, noise))
 
-        def run_torch():
+        def run_torch(*_):  # the tensors above hold the same inputs
             with torch.inference_mode():
                 out = torch_policy.sample(t_images, t_state, t_noise)
             return out.cpu().numpy()
@@ -211,8 +211,8 @@ def bench_inference(preset='small', repeats=30, device='cpu', providers=None):
         diffs = {}
         for name, fn in engines.items():
             try:
-                ms = timed(lambda: fn(images, state, noise) if name.startswith('ort') else fn())
-                out = fn(images, state, noise) if name.startswith('ort') else fn()
+                ms = timed(lambda: fn(images, state, noise))
+                out = fn(images, state, noise)
             except Exception as exc:
                 notes[name] = str(exc).splitlines()[0][:300]
                 continue
@@ -232,7 +232,8 @@ def bench_inference(preset='small', repeats=30, device='cpu', providers=None):
 
 
 def _torch_graphed_sample(policy, images, state, noise):
-    """policy.sample captured once in a CUDA graph; the returned function replays it."""
+    """policy.sample captured once in a CUDA graph; the returned function replays it on the
+    inputs given here (it takes and ignores predict's arguments)."""
     import torch
     static = [images.clone(), state.clone(), noise.clone()]
     stream = torch.cuda.Stream()
@@ -245,10 +246,10 @@ def _torch_graphed_sample(policy, images, state, noise):
     with torch.cuda.graph(graph), torch.inference_mode():
         out = policy.sample(*static)
 
-    def replay():
-        # `static` must outlive the capture: the graph reads its inputs from those addresses
+    def replay(*_):
         graph.replay()
-        return out.cpu().numpy() if static else None
+        return out.cpu().numpy()
+    replay.static_inputs = static  # the graph reads its inputs from these addresses: keep them
     return replay
 
 
