@@ -423,3 +423,26 @@ def test_labels_problem_is_the_rule_the_demo_and_trainer_share():
     assert 'no undesirable (bad) one (3 good, 0 bad)' in labels_problem('kto', 3, 0)
     assert 'no desirable (good) one (0 good, 4 bad)' in labels_problem('rko', 0, 4)
     assert labels_problem('rko', 1, 1) is None
+
+
+def test_training_batches_shift_like_the_parents_pretraining_and_evaluation_does_not(pretrained):
+    store, parent, data, windows = pretrained
+    policy = store.load_policy(parent)
+    policy.config.train = dataclasses.replace(policy.config.train, shift_px=3)
+    inherit = PreferenceTrainer(policy, data, FinetuneConfig(steps=2, batch_size=16), progress=False)
+    assert inherit.augment is not None and inherit.augment.shift_px == 3
+    idx = np.arange(16)
+    shifted = inherit._batch(idx)['images'].numpy()
+    plain = data.windows.images[idx]
+    assert shifted.shape == plain.shape and not np.array_equal(shifted, plain)
+    # Held-out scoring reads the windows as recorded: the same margin twice, shift or not.
+    off = PreferenceTrainer(store.load_policy(parent), data, FinetuneConfig(steps=2, batch_size=16),
+                            progress=False)
+    assert off.augment is None
+    np.testing.assert_array_equal(off._batch(idx)['images'].numpy(), plain)
+    assert inherit.holdout_margin() == pytest.approx(inherit.holdout_margin())
+    none = PreferenceTrainer(policy, data, FinetuneConfig(steps=2, batch_size=16, shift_px=0),
+                             progress=False)
+    assert none.augment is None
+    with pytest.raises(TrainingError, match='shift_px=40'):
+        FinetuneConfig(shift_px=40)

@@ -17,6 +17,7 @@ from rko_ros.policy.model import DiffusionPolicy
 from rko_ros.policy.runtime import PolicyRuntime
 from rko_ros.policy.store import ModelStore
 from rko_ros.policy.synthetic import make_two_mode_windows, mode_of
+from rko_ros.policy.train import ShiftAugment
 
 TINY = {'obs': {'image_size_px': [32, 32]},
         'model': {'encoder_channels': [8, 16], 'feature_dim': 16, 'down_dims': [32, 64],
@@ -195,6 +196,41 @@ def test_encoder_strides_set_the_keypoint_resolution_and_survive_a_checkpoint(tm
     loaded = load_checkpoint(str(tmp_path / 'c.pt'))
     assert loaded.config.model.encoder_strides == (1, 2, 1)
     assert loaded.encoders[0].trunk(image).shape[-2:] == (16, 16)
+
+
+def test_shift_augment_moves_images_and_tied_positions_together():
+    cfg = PolicyConfig.preset('small', obs={'image_size_px': [16, 16]},
+                              train={'shift_px': 2, 'shift_joints': {
+                                  'gripper_x': ['col', 0.01], 'gripper_y': ['row', -0.01]}})
+    augment = ShiftAugment.from_config(cfg)
+    image = np.zeros((1, 1, 1, 3, 16, 16), np.uint8)
+    image[..., 5, 7] = 200                                    # one bright pixel at row 5, col 7
+    state = np.array([[[0.1, 0.2, 1.0]]], np.float32)         # (B, To, S) x, y, closed
+    action = np.tile(np.array([0.3, -0.1, 0.0], np.float32), (1, 4, 1))
+    rng = np.random.default_rng(3)
+    seen = set()
+    for _ in range(40):
+        out = augment({'images': image, 'state': state, 'action': action}, rng)
+        rows, cols = np.nonzero(out['images'][0, 0, 0, 0])
+        dr, dc = int(rows[0]) - 5, int(cols[0]) - 7
+        seen.add((dr, dc))
+        assert abs(dr) <= 2 and abs(dc) <= 2 and len(rows) == 1
+        np.testing.assert_allclose(out['state'][0, 0], [0.1 + 0.01 * dc, 0.2 - 0.01 * dr, 1.0],
+                                   atol=1e-6)
+        np.testing.assert_allclose(out['action'][0, :, 0], 0.3 + 0.01 * dc, atol=1e-6)
+        np.testing.assert_allclose(out['action'][0, :, 1], -0.1 - 0.01 * dr, atol=1e-6)
+        assert (out['action'][0, :, 2] == 0).all()
+    assert len(seen) > 10                                     # many of the 25 shifts drawn
+    widened_states, widened_actions = augment.widen(state[0], action[0])
+    assert widened_states[:, 0].min() == pytest.approx(0.08) and widened_states[:, 0].max() == pytest.approx(0.12)
+    assert widened_actions[:, 1].min() == pytest.approx(-0.12)
+    assert ShiftAugment.from_config(PolicyConfig.preset('small')) is None
+    with pytest.raises(ConfigError, match=r"shift_joints\['gripper_x'\]"):
+        PolicyConfig.preset('small', train={'shift_px': 2, 'shift_joints': {'gripper_x': ['z', 1]}})
+    with pytest.raises(ConfigError, match=r"names \['elbow'\]"):
+        PolicyConfig.preset('small', train={'shift_joints': {'elbow': ['col', 0.01]}})
+    with pytest.raises(ConfigError, match='shift_px=40'):
+        PolicyConfig.preset('small', train={'shift_px': 40})
 
 
 def test_bench_inference_prints_json(capsys):

@@ -185,6 +185,35 @@ def test_camera_view_sets_the_image_scale():
         render(wide.sim, (64, 64), view_m=50.0)
 
 
+def test_shifted_image_is_the_scene_moved_on_the_table(task):
+    """The demo's pretraining shift (train.shift_joints) is exact for the sim camera: moving the
+    image by whole pixels equals moving cloth and gripper by that many pixels of table."""
+    from rko_ros.demo.pipeline import DemoConfig
+    from rko_ros.policy.train import ShiftAugment
+    cfg = DemoConfig(shift_px=3)
+    task = ClothFoldTask(cfg.task_config())
+    demo = ScriptedDemonstrator('diagonal')
+    task.reset(5)
+    demo.reset(task, 1)
+    for _ in range(14):                                   # mid-carry: folded layer, closed gripper
+        task.step(demo.act())
+    image, state = task.observe()
+    per_px = cfg.task_config().view_m / min(cfg.task_config().image_size_px)
+    task.sim.x[:, :2] += [2 * per_px, per_px]             # 2 columns right, 1 row up
+    task.sim.gripper[:2] += [2 * per_px, per_px]
+    moved_image, moved_state = task.observe()
+    assert not np.array_equal(image, moved_image)
+
+    class Draw:
+        def integers(self, low, high, size):
+            return np.array([[-1, 2]])                     # (rows, cols)
+    augment = ShiftAugment.from_config(cfg.policy_config())
+    out = augment({'images': image.transpose(2, 0, 1)[None, None, None], 'state': state[None, None],
+                   'action': state[None, None]}, Draw())
+    np.testing.assert_array_equal(out['images'][0, 0, 0].transpose(1, 2, 0), moved_image)
+    np.testing.assert_allclose(out['state'][0, 0], moved_state, atol=1e-6)
+
+
 def test_operator_labels_and_prefers():
     operator = SimulatedOperator('diagonal', quality_threshold=0.7)
     good = FoldResult('diagonal', 0.85, True)

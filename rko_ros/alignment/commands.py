@@ -55,6 +55,11 @@ def register(subparsers):
                         'still cover every step), meant to keep the push away from the bad '
                         'episodes from bending the fine placement of the good ones (on the cloth '
                         'no gain so far, see README); 0 (default) = every timestep, as published')
+    p.add_argument('--shift-px', type=int, default=None,
+                   help='move each training window\'s images by up to this many pixels (and the '
+                        'positions the parent\'s train.shift_joints tie to them); default: what '
+                        'the parent was pretrained with (its train.shift_px); 0 = off. Held-out '
+                        'scoring always sees the recorded images')
     p.add_argument('--ema-decay', type=float, default=0.0,
                    help='keep an EMA of the weights and select/export it (e.g. 0.99); 0 '
                         '(default) = the raw weights')
@@ -148,7 +153,7 @@ def _finetune(args):
                          lambda_fkl=args.lambda_fkl, lambda_behaviour=args.lambda_behaviour,
                          lambda_retrieved=args.lambda_retrieved, retrieval_tau=args.retrieval_tau,
                          preference_min_timestep=args.preference_min_timestep,
-                         lambda_d=args.lambda_d, lambda_u=args.lambda_u,
+                         shift_px=args.shift_px, lambda_d=args.lambda_d, lambda_u=args.lambda_u,
                          ema_decay=args.ema_decay, freeze_encoder=args.freeze_encoder,
                          guard_tolerance=None if args.no_guard else args.guard_tolerance,
                          guard_windows=args.guard_windows)

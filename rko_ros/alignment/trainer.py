@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from rko_ros.alignment import losses
 from rko_ros.alignment.weights import rko_weights, similarity_matrix
 from rko_ros.errors import GuardRejected, TrainingError
-from rko_ros.policy.train import collate, ema_update
+from rko_ros.policy.train import ShiftAugment, collate, ema_update
 
 PAIR_METHODS = ('dpo', 'rpo', 'fkpd')
 
@@ -106,6 +106,10 @@ class FinetuneConfig:
     # preferred-style success 57.5% -> 52.5% (sft alone moves grasps too: 30%), so 0 = every
     # timestep, the methods as published, is the default.
     preference_min_timestep: int = 0
+    # Image shift of the training batches (policy.train.ShiftAugment), with the parent's
+    # train.shift_joints. None = the parent's own train.shift_px (what it was pretrained with);
+    # 0 = off. Model selection, retrieval and the guard always see the windows unshifted.
+    shift_px: int = None
     seed: int = 0
     num_threads: int = 0
 
@@ -133,6 +137,8 @@ class FinetuneConfig:
         if self.preference_min_timestep < 0:
             raise TrainingError(f'preference_min_timestep={self.preference_min_timestep} must be '
                                 f'>= 0 (0 = every timestep)')
+        if self.shift_px is not None and not 0 <= self.shift_px <= 32:
+            raise TrainingError(f'shift_px={self.shift_px} must be 0..32 (None = the parent\'s)')
         if self.steps < 1 or self.batch_size < 2:
             raise TrainingError(f'steps={self.steps} must be >= 1 and batch_size={self.batch_size} >= 2')
 
@@ -240,6 +246,9 @@ class PreferenceTrainer:
             self.model = torch.nn.parallel.DistributedDataParallel(self.policy)
             self.rng = np.random.default_rng(cfg.seed + self.rank)
         self.ema = copy.deepcopy(self.policy).eval() if cfg.ema_decay > 0 else None
+        train = policy.config.train if cfg.shift_px is None else \
+            dataclasses.replace(policy.config.train, shift_px=cfg.shift_px)
+        self.augment = ShiftAugment.from_config(policy.config, train)
         self.z_center = self._embedding_center() if cfg.method in ('rko', 'rpo') and \
             cfg.center_embeddings else None
         self.retrieved, self.retrieval = self._retrieve() if cfg.lambda_retrieved else (None, None)
@@ -287,8 +296,10 @@ class PreferenceTrainer:
         idx = np.concatenate([self.rng.choice(self.pos, size=half), self.rng.choice(self.neg, size=n - half)])
         return idx, np.concatenate([np.ones(half, np.int64), -np.ones(n - half, np.int64)])
 
-    def _batch(self, indices):
-        return collate(self.data.windows, indices, self.device)
+    def _batch(self, indices, source=None):
+        """A training batch of the labelled windows (or `source`), shifted when the run shifts."""
+        return collate(self.data.windows if source is None else source, indices, self.device,
+                       self.augment, self.rng)
 
     # --- one step ------------------------------------------------------------------------
     def _errors(self, batch, t, eps, model=None):
@@ -387,7 +398,7 @@ class PreferenceTrainer:
                 W = similarity_matrix(z[:m], z[m:], cfg.tau)
                 return self._anchored(losses.rpo_loss(g_w, g_l, W, cfg.beta), e_theta[:m], winners)
             b_idx = self.rng.integers(0, len(self.behaviour), size=m)
-            b_batch = collate(self.behaviour, b_idx, self.device)
+            b_batch = self._batch(b_idx, self.behaviour)
             tb, eb = self.policy.sample_timesteps_and_noise(m, device=self.device)
             e_behaviour = self.policy.denoise_error(b_batch, tb, eb, 'mean')
             return self._anchored(losses.fkpd_loss(g_w, g_l, e_behaviour, cfg.beta, cfg.lambda_fkl),
@@ -427,7 +438,7 @@ class PreferenceTrainer:
             e_theta_desirable = self.model(desirable_batch, t, eps, self.cfg.reduction)  # = denoise_error
         if self.cfg.lambda_behaviour:
             b_idx = self.rng.integers(0, len(self.behaviour), size=max(2, len(e_theta_desirable)))
-            b_batch = collate(self.behaviour, b_idx, self.device)
+            b_batch = self._batch(b_idx, self.behaviour)
             tb, eb = self.policy.sample_timesteps_and_noise(len(b_idx), device=self.device)
             e_b = self.policy.denoise_error(b_batch, tb, eb, 'mean').mean()
             metrics = dict(metrics, behaviour_anchor=float(e_b.detach()))
@@ -446,7 +457,7 @@ class PreferenceTrainer:
         if not self.cfg.lambda_retrieved or not len(self.retrieved):
             return loss, metrics
         r_idx = self.rng.choice(self.retrieved, size=max(2, n))
-        r_batch = collate(self.behaviour, r_idx, self.device)
+        r_batch = self._batch(r_idx, self.behaviour)
         t, eps = self.policy.sample_timesteps_and_noise(len(r_idx), device=self.device)
         e_r = self.policy.denoise_error(r_batch, t, eps, 'mean').mean()
         return loss + self.cfg.lambda_retrieved * e_r, dict(metrics, retrieved_anchor=float(e_r.detach()))

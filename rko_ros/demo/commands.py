@@ -24,6 +24,13 @@ def register(subparsers):
                    help='the fold style the simulated operator wants (default left_to_right)')
     p.add_argument('--method', default='rko', choices=['rko', 'kto', 'rpo', 'dpo', 'fkpd', 'sft'])
     p.add_argument('--demos-per-style', type=int, help='scripted demonstrations per style')
+    p.add_argument('--demo-noise', type=float,
+                   help='scale of the scripted demonstrator\'s teleoperator noise (grasp and '
+                        'release points, speeds, pauses, wobble); default 0.5: a careful operator, '
+                        'as the policy grasps about as precisely as its demonstrations')
+    p.add_argument('--shift-px', type=int,
+                   help='pretraining moves each window\'s image by up to this many pixels and the '
+                        'gripper positions with it (train.shift_px; default 0 = off)')
     p.add_argument('--pretrain-steps', type=int, help='BC steps')
     p.add_argument('--label-episodes', type=int,
                    help='episodes the operator labels, all rounds together (default 20)')
@@ -77,6 +84,8 @@ def register_bench(bench_subparsers):
     p.add_argument('--pretrain-steps', type=int, help='BC steps (default 6000; --quick 20)')
     p.add_argument('--demos-per-style', type=int,
                    help='scripted demonstrations per style (default 20; --quick 2)')
+    p.add_argument('--demo-noise', type=float,
+                   help='scale of the scripted demonstrator\'s noise (default 0.5)')
     p.add_argument('--preferred-style', default='left_to_right',
                    help='the simulated operator\'s style (default %(default)s)')
     p.add_argument('--lambda-u', type=float, default=1.0,
@@ -141,6 +150,7 @@ def _config(args):
         'data_dir': os.path.abspath(args.out), 'preferred_style': args.preferred_style,
         'method': getattr(args, 'method', 'rko'), 'seed': getattr(args, 'seed', 0),
         'demos_per_style': args.demos_per_style, 'pretrain_steps': args.pretrain_steps,
+        'demo_noise': args.demo_noise, 'shift_px': getattr(args, 'shift_px', None),
         'label_episodes': getattr(args, 'label_episodes', None),
         'label_rounds': getattr(args, 'label_rounds', None),
         'round_min_desirable': getattr(args, 'round_min_desirable', None),

@@ -5,6 +5,7 @@ Every hyperparameter has one home here, with its meaning in a comment. Validatio
 Imports only the standard library and yaml (the torch-free runtime may read it).
 """
 import dataclasses
+import math
 from typing import List, Optional, Tuple
 
 import yaml
@@ -126,9 +127,30 @@ class TrainConfig:
     ema_decay: float = 0.995        # 0 disables EMA
     seed: int = 0
     num_threads: int = 0            # torch intra-op threads; 0 = torch's default
+    # Random translation of each training window's camera images by up to +-shift_px pixels
+    # (edge pixels repeated), as DrQ's random shift / Chi et al.'s random crop. 0 = off.
+    shift_px: int = 0
+    # For one fixed top-down camera whose image axes are table axes: the joints whose state and
+    # action move with the image, {joint: ['col' or 'row', units per pixel]}. A shifted window is
+    # then the same scene moved on the table (exact for the sim's orthographic camera): a new
+    # placement of the object for every window. Empty: only the image moves.
+    shift_joints: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         _check(self.steps >= 1, f'train.steps={self.steps} must be >= 1')
+        _check(0 <= int(self.shift_px) <= 32, f'train.shift_px={self.shift_px} must be 0..32')
+        self.shift_px = int(self.shift_px)
+        joints = {}
+        for joint, spec in dict(self.shift_joints or {}).items():
+            ok = isinstance(spec, (list, tuple)) and len(spec) == 2 and spec[0] in ('col', 'row')
+            try:
+                per_px = float(spec[1]) if ok else math.nan
+            except (TypeError, ValueError):
+                per_px = math.nan
+            _check(math.isfinite(per_px), f"train.shift_joints['{joint}']={spec!r} must be "
+                                          f"['col' or 'row', finite units per pixel]")
+            joints[str(joint)] = [spec[0], per_px]
+        self.shift_joints = joints
         _check(self.batch_size >= 1, f'train.batch_size={self.batch_size} must be >= 1')
         _check(0 < self.lr < 1, f'train.lr={self.lr} must be in (0, 1)')
         _check(0 <= self.ema_decay < 1, f'train.ema_decay={self.ema_decay} must be in [0, 1)')
@@ -144,6 +166,15 @@ class PolicyConfig:
 
     _SECTIONS = {'obs': ObsConfig, 'action': ActionConfig, 'model': ModelConfig,
                  'diffusion': DiffusionConfig, 'train': TrainConfig}
+
+    def __post_init__(self):
+        known = set(self.obs.joint_names) | set(self.action.action_names)
+        unknown = sorted(set(self.train.shift_joints) - known)
+        _check(not unknown, f'train.shift_joints names {unknown}, which are neither obs.joint_names '
+                            f'{self.obs.joint_names} nor action.action_names')
+        _check(not self.train.shift_joints or len(self.obs.camera_names) == 1,
+               f'train.shift_joints moves positions with one camera image; this policy has '
+               f'{len(self.obs.camera_names)} cameras ({self.obs.camera_names})')
 
     def to_dict(self):
         out = {}

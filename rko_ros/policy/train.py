@@ -39,14 +39,74 @@ class ArrayWindows:
                             self.episode_index[indices])
 
 
-def collate(windows, indices, device='cpu'):
-    """A batch of torch tensors for the given window indices."""
+class ShiftAugment:
+    """Random translation of a batch's images by up to +-`shift_px` pixels, one shift per window
+    (all its frames and cameras alike), edge pixels repeated into the gap. `state_cols` and
+    `action_cols`: (column, 'col' or 'row', units per pixel) of the positions that move with the
+    image (a fixed top-down camera over the table), so the window shows the same scene moved."""
+
+    def __init__(self, shift_px, state_cols=(), action_cols=()):
+        self.shift_px = int(shift_px)
+        self.state_cols, self.action_cols = list(state_cols), list(action_cols)
+
+    @classmethod
+    def from_config(cls, config, train=None):
+        """From train.shift_px / shift_joints (`train` or the PolicyConfig's own); None when
+        shift_px is 0."""
+        train = train or config.train
+        if not train.shift_px:
+            return None
+
+        def cols(names):
+            return [(names.index(j), axis, per_px) for j, (axis, per_px) in train.shift_joints.items()
+                    if j in names]
+        return cls(train.shift_px, cols(list(config.obs.joint_names)),
+                   cols(list(config.action.action_names)))
+
+    def widen(self, states, actions):
+        """Copies of the (M, S) states and (M, A) actions moved by the largest shift both ways,
+        appended, so a normalizer fitted on them covers every shifted window."""
+        out = []
+        for values, cols in ((states, self.state_cols), (actions, self.action_cols)):
+            parts = [values]
+            for sign in (-1, 1):
+                moved = values.copy()
+                for col, _axis, per_px in cols:
+                    moved[:, col] += sign * self.shift_px * per_px
+                parts.append(moved)
+            out.append(np.concatenate(parts) if cols else values)
+        return out
+
+    def __call__(self, arrays, rng):
+        images = arrays['images']
+        s, (h, w) = self.shift_px, images.shape[-2:]
+        shifts = rng.integers(-s, s + 1, size=(len(images), 2))       # (rows, cols) per window
+        pad = [(0, 0)] * (images.ndim - 2) + [(s, s), (s, s)]
+        padded = np.pad(images, pad, mode='edge')
+        moved = np.empty_like(images)
+        for i, (dr, dc) in enumerate(shifts):      # content moves down dr rows and right dc cols
+            moved[i] = padded[i, ..., s - dr:s - dr + h, s - dc:s - dc + w]
+        out = dict(arrays, images=moved)
+        for key, cols in (('state', self.state_cols), ('action', self.action_cols)):
+            if cols:
+                values = np.array(arrays[key], dtype=np.float32)
+                for col, axis, per_px in cols:
+                    pixels = shifts[:, 1] if axis == 'col' else shifts[:, 0]
+                    values[..., col] += (pixels * per_px).astype(np.float32)[:, None]
+                out[key] = values
+        return out
+
+
+def collate(windows, indices, device='cpu', augment=None, rng=None):
+    """A batch of torch tensors for the given window indices (`augment(arrays, rng)` first)."""
     indices = np.asarray(indices)
     if all(hasattr(windows, key) for key in ('images', 'state', 'action')):
         arrays = {key: getattr(windows, key)[indices] for key in ('images', 'state', 'action')}
     else:
         items = [windows[int(i)] for i in indices]
         arrays = {key: np.stack([item[key] for item in items]) for key in ('images', 'state', 'action')}
+    if augment is not None:
+        arrays = augment(arrays, rng)
     return {'images': torch.as_tensor(arrays['images'], dtype=torch.uint8, device=device),
             'state': torch.as_tensor(arrays['state'], dtype=torch.float32, device=device),
             'action': torch.as_tensor(arrays['action'], dtype=torch.float32, device=device)}
@@ -114,10 +174,14 @@ def train_bc(policy, windows, train_cfg=None, progress=True, fit_normalizer=True
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+    augment = ShiftAugment.from_config(policy.config, cfg)
     if fit_normalizer:
         states = _windows_arrays(windows, 'state')
         actions = _windows_arrays(windows, 'action')
-        policy.fit_normalizer(states.reshape(-1, states.shape[-1]), actions.reshape(-1, actions.shape[-1]))
+        states, actions = states.reshape(-1, states.shape[-1]), actions.reshape(-1, actions.shape[-1])
+        if augment is not None:
+            states, actions = augment.widen(states, actions)
+        policy.fit_normalizer(states, actions)
     policy.to(device).train()
     ema = copy.deepcopy(policy).eval() if cfg.ema_decay > 0 else policy
     step_fn = (GraphedBCStep if graphed else EagerBCStep)(policy, ema, cfg, device)
@@ -129,7 +193,7 @@ def train_bc(policy, windows, train_cfg=None, progress=True, fit_normalizer=True
     for step in range(cfg.steps):
         lr = lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr)
         batch = collate(windows, rng.integers(0, len(windows), size=cfg.batch_size),
-                        'cpu' if graphed else device)
+                        'cpu' if graphed else device, augment, rng)
         loss = step_fn(batch, lr, min(cfg.ema_decay, (1.0 + step) / (10.0 + step)))
         if not math.isfinite(loss):
             raise TrainingError(f'BC loss became {loss} at step {step}; lower train.lr '
