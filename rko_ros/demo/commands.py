@@ -24,10 +24,7 @@ def register(subparsers):
                    help='the fold style the simulated operator wants (default left_to_right)')
     p.add_argument('--method', default='rko', choices=['rko', 'kto', 'rpo', 'dpo', 'fkpd', 'sft'])
     p.add_argument('--demos-per-style', type=int, help='scripted demonstrations per style')
-    p.add_argument('--demo-noise', type=float,
-                   help='scale of the scripted demonstrator\'s teleoperator noise (grasp and '
-                        'release points, speeds, pauses, wobble); default 0.5: a careful operator, '
-                        'as the policy grasps about as precisely as its demonstrations')
+    _demo_noise_arg(p)
     p.add_argument('--shift-px', type=int,
                    help='pretraining moves each window\'s image by up to this many pixels and the '
                         'gripper positions with it (train.shift_px; default 0 = off)')
@@ -84,8 +81,7 @@ def register_bench(bench_subparsers):
     p.add_argument('--pretrain-steps', type=int, help='BC steps (default 6000; --quick 20)')
     p.add_argument('--demos-per-style', type=int,
                    help='scripted demonstrations per style (default 20; --quick 2)')
-    p.add_argument('--demo-noise', type=float,
-                   help='scale of the scripted demonstrator\'s noise (default 0.5)')
+    _demo_noise_arg(p)
     p.add_argument('--preferred-style', default='left_to_right',
                    help='the simulated operator\'s style (default %(default)s)')
     p.add_argument('--lambda-u', type=float, default=1.0,
@@ -115,6 +111,13 @@ def _device_arg(p):
                    help="torch device of pretraining and fine-tuning, e.g. 'cuda' (default cpu). "
                         'On a GPU, --pretrain-steps 12000 trains the base policy that completes '
                         'about 90%% of its folds (README)')
+
+
+def _demo_noise_arg(p):
+    p.add_argument('--demo-noise', type=float,
+                   help='scale of the scripted demonstrator\'s teleoperator noise (grasp and '
+                        'release points, speeds, pauses, wobble); default 0.5: a careful operator, '
+                        'as the policy grasps about as precisely as its demonstrations')
 
 
 def _finetune_run_args(p):
