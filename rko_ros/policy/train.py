@@ -69,7 +69,7 @@ class ShiftAugment:
         out = []
         for values, cols in ((states, self.state_cols), (actions, self.action_cols)):
             parts = [values]
-            for sign in (-1, 1):
+            for sign in (-1, 1) if cols else ():
                 moved = values.copy()
                 for col, _axis, per_px in cols:
                     moved[:, col] += sign * self.shift_px * per_px
