@@ -276,6 +276,41 @@ def test_ema_is_what_gets_selected_and_kept(pretrained):
         FinetuneConfig(method='rko', lambda_sft=-1)
 
 
+def test_select_last_keeps_the_latest_checkpoint_within_the_guard(pretrained):
+    from rko_ros.alignment.trainer import PreferenceTrainer
+    store, parent, data, _ = pretrained
+    base = dict(method='rko', steps=6, batch_size=8, eval_every=2, patience=0, seed=7)
+    runs = {}
+    for select in ('margin', 'last'):
+        trainer = PreferenceTrainer(store.load_policy(parent), data, FinetuneConfig(**base, select=select),
+                                    progress=False)
+        weights, margins = {}, {}
+
+        def on_step(step, row, trainer=trainer, weights=weights, margins=margins):
+            if 'holdout_margin' in row:
+                margins[step] = row['holdout_margin']
+                weights[step] = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
+        summary = trainer.run(on_step=on_step)
+        runs[select] = (summary, margins)
+        kept = summary['best_step']
+        assert kept == (max(margins, key=margins.get) if select == 'margin' else 6)
+        assert summary['best_holdout_margin'] == margins[kept]
+        for n, p in trainer.policy.named_parameters():
+            assert torch.equal(p.detach(), weights[kept][n])
+    assert runs['margin'][1] == runs['last'][1]            # same run, only the choice differs
+    # 'last' still keeps only a checkpoint within the execution guard: a guard no checkpoint
+    # meets leaves nothing, one every checkpoint meets keeps the last.
+    guarded = FinetuneConfig(**base, select='last', guard_tolerance=0.0)
+    trainer = PreferenceTrainer(store.load_policy(parent), data, guarded, progress=False)
+    trainer.guard_reference = 1e-9
+    assert not trainer.run()['kept']
+    trainer = PreferenceTrainer(store.load_policy(parent), data, guarded, progress=False)
+    trainer.guard_reference = 1e9
+    assert trainer.run()['best_step'] == 6
+    with pytest.raises(TrainingError, match="select 'best' must be 'margin' or 'last'"):
+        FinetuneConfig(method='rko', select='best')
+
+
 def test_execution_guard_keeps_only_checkpoints_that_still_act(pretrained):
     from rko_ros.alignment.trainer import PreferenceTrainer
     store, parent, data, windows = pretrained
@@ -362,7 +397,22 @@ def test_retrieval_anchor_learns_from_the_demonstrations_like_the_desirable_epis
     assert set(retrieval['episodes']) == right            # every RIGHT demonstration, no LEFT one
     assert retrieval['windows'] == 72 and retrieval['of_episodes'] == 24
     assert all((score > 0.5) == (eid in right) for eid, score in retrieval['scores'].items())
+    assert retrieval['threshold'] >= 0.5                  # Otsu's cut between the two groups
     assert set(mode_of(behaviour.action[trainer.retrieved]).tolist()) == {RIGHT}
+    # A fixed threshold takes exactly the episodes scored above it (a softer softmax, so that
+    # the scores spread out instead of being 0 or 1).
+    soft = dataclasses.replace(cfg, retrieval_tau=2.0)
+    spread = PreferenceTrainer(store.load_policy(parent), data, soft, behaviour=behaviour,
+                               progress=False).retrieval['scores']
+    ranked = sorted(spread.values())
+    assert 0.0 < ranked[0] and ranked[-1] < 1.0 and ranked[-7] < ranked[-6]
+    cut = (ranked[-7] + ranked[-6]) / 2
+    strict = PreferenceTrainer(store.load_policy(parent), data,
+                               dataclasses.replace(soft, retrieval_threshold=cut),
+                               behaviour=behaviour, progress=False).retrieval
+    assert strict['threshold'] == pytest.approx(cut, abs=1e-4)
+    assert set(strict['episodes']) == {e for e, v in spread.items() if v > cut}
+    assert len(strict['episodes']) == 6 and strict['windows'] == 36
     # The anchor is + lambda x the retrieved windows' BC error, drawn after the method's batch.
     torch.manual_seed(11)
     anchored, metrics = trainer.loss()
@@ -386,6 +436,22 @@ def test_retrieval_anchor_learns_from_the_demonstrations_like_the_desirable_epis
         FinetuneConfig(method='rko', retrieval_tau=0)
     with pytest.raises(TrainingError, match='lambda_retrieved=-1 must be >= 0'):
         FinetuneConfig(method='rko', lambda_retrieved=-1)
+    with pytest.raises(TrainingError, match=r'retrieval_threshold=1.0 must be in \[0, 1\)'):
+        FinetuneConfig(method='rko', retrieval_threshold=1.0)
+
+
+def test_otsu_threshold_cuts_at_the_widest_split():
+    from rko_ros.alignment.trainer import otsu_threshold
+    # Scores like the cloth demo's second round: the preferred style's demonstrations high, an
+    # ambiguous style in the middle, the opposite style low. The cut falls below the high group.
+    rng = np.random.default_rng(0)
+    low, mid, high = rng.uniform(0.07, 0.15, 20), rng.uniform(0.28, 0.54, 20), rng.uniform(0.83, 0.92, 20)
+    cut = otsu_threshold(np.concatenate([mid, high, low]))
+    assert mid.max() < cut < high.min()
+    assert otsu_threshold([0.1, 0.2, 0.9]) == pytest.approx(0.55)
+    assert otsu_threshold([0.1, 0.8, 0.9]) == pytest.approx(0.45)
+    # No spread: nothing lies above the cut.
+    assert otsu_threshold([0.7, 0.7, 0.7]) == 0.7 and otsu_threshold([0.3]) == 0.3
 
 
 @pytest.mark.parametrize('method', ['rko', 'dpo'])

@@ -107,6 +107,35 @@ def test_every_style_is_demonstrated_on_the_same_cloth_placements():
     assert not np.array_equal(own[0]['images'][0], own[1]['images'][0])
 
 
+def test_failed_demonstrations_are_redone_on_the_same_cloth_or_left_out():
+    """attempts > 1 keeps only folds that worked, as a team keeps the teleoperated
+    demonstrations that did; a failure is redone on the same cloth with a new noise draw."""
+    import numpy as np
+    from rko_ros.demo.offline import collect_demonstrations
+    from rko_ros.sim.task import TaskConfig
+    task = TaskConfig(image_size_px=(32, 32))
+    style = ('left_to_right',)
+    as_came = collect_demonstrations(task, style, 6, noise=2.0)
+    assert [e['seed'] for e in as_came] == list(range(6)) and {e['attempt'] for e in as_came} == {0}
+    failed = [e['seed'] for e in as_came if not e['result'].success]
+    assert failed                                   # at this noise some folds fail
+    kept = collect_demonstrations(task, style, 6, noise=2.0, attempts=2)
+    assert all(e['result'].success and e['result'].style == 'left_to_right' for e in kept)
+    by_seed = {e['seed']: e for e in kept}
+    for e in as_came:
+        if e['result'].success:                     # first tries that worked are kept unchanged
+            assert by_seed[e['seed']]['attempt'] == 0
+            assert np.array_equal(by_seed[e['seed']]['action'], e['action'])
+        elif e['seed'] in by_seed:                  # redone: same cloth, new noise
+            again = by_seed[e['seed']]
+            assert again['attempt'] == 1 and not np.array_equal(again['action'], e['action'])
+            assert np.array_equal(again['images'][0], e['images'][0])
+    left_out = set(failed) - set(by_seed)
+    assert len(kept) == 6 - len(left_out)
+    # The seeds here: cloth 4 fails once and is redone; cloth 0 fails twice and is left out.
+    assert failed == [0, 4] and left_out == {0}
+
+
 def test_demo_noise_scales_the_demonstrators_scatter(tmp_path):
     """The demo's demonstrations use DemoConfig.demo_noise: at 0 every grasp is exactly on the
     style's grasp particle, at the default some are off it by millimetres (never a particle)."""
@@ -135,6 +164,9 @@ def test_demo_noise_scales_the_demonstrators_scatter(tmp_path):
     assert 1e-4 < grasp_errors(0.5).max() < 0.015
     with pytest.raises(ConfigError, match='demo_noise=-1'):
         DemoConfig(demo_noise=-1)
+    assert DemoConfig().demo_attempts == 3
+    with pytest.raises(ConfigError, match='demo_attempts=0 must be >= 1'):
+        DemoConfig(demo_attempts=0)
 
 
 def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
@@ -154,7 +186,8 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     assert trainer['steps'] == 1200 and pairs['--patience'] == '0' and '--freeze-encoder' not in extra
     assert pairs['--lambda-retrieved'] == '8.0'
     assert pairs['--preference-min-timestep'] == '30'
-    cfg = DemoConfig(freeze_encoder=True, finetune_patience=4, finetune_steps=600, lambda_retrieved=0.0,
+    assert pairs['--select'] == 'last' and pairs['--ema-decay'] == '0.995'   # the demo's defaults
+    cfg = DemoConfig(freeze_encoder=True, finetune_select='margin', finetune_ema_decay=0.0, finetune_patience=4, finetune_steps=600, lambda_retrieved=0.0,
                      preference_min_timestep=0)
     path = write_demo_params(str(tmp_path / 'q.yaml'), cfg, default_config_path())
     with open(path) as f:
@@ -163,6 +196,12 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     assert trainer['steps'] == 600 and '--freeze-encoder' in extra
     assert dict(zip(extra[:-1], extra[1:]))['--patience'] == '4' and '--lambda-retrieved' not in extra
     assert '--preference-min-timestep' not in extra
+    assert dict(zip(extra[:-1], extra[1:]))['--select'] == 'margin'
+    assert dict(zip(extra[:-1], extra[1:]))['--ema-decay'] == '0.0'
+    # The trainer node's command line is `rko finetune`'s: these flags parse into its config.
+    from rko_ros.cli import build_parser
+    args = build_parser().parse_args(['finetune'] + extra)
+    assert (args.select, args.ema_decay, args.patience) == ('margin', 0.0, 4)
     import pytest
     from rko_ros.alignment.trainer import FinetuneConfig
     from rko_ros.errors import TrainingError

@@ -49,6 +49,10 @@ def register(subparsers):
                         'windows); the version card lists the retrieved episodes; 0 (default) = off')
     p.add_argument('--retrieval-tau', type=float, default=0.05,
                    help='softmax temperature of that retrieval (default 0.05)')
+    p.add_argument('--retrieval-threshold', type=float,
+                   help='retrieve the demonstrations whose mean score (share of desirable '
+                        'similarity, 0..1) is above this (default: the cut that splits the '
+                        'scores into two groups best, Otsu\'s rule, and at least 0.5)')
     p.add_argument('--preference-min-timestep', type=int, default=0,
                    help='score the method\'s own terms at diffusion timesteps >= this only (the '
                         'high-noise steps that choose which behaviour is drawn; the BC anchors '
@@ -86,6 +90,9 @@ def register(subparsers):
     p.add_argument('--patience', type=int, default=6,
                    help='held-out evaluations without gain before stopping (default 6; 0 = run '
                         'every step)')
+    p.add_argument('--select', choices=('margin', 'last'), default='margin',
+                   help='checkpoint to keep: the best held-out margin (default) or the last '
+                        'evaluated one; either way only one within the execution guard')
     p.add_argument('--freeze-encoder', action='store_true',
                    help='train the action network only and keep the parent\'s image encoders '
                         '(default: the whole network). On the cloth demo it did not reliably '
@@ -149,9 +156,11 @@ def _finetune(args):
                          lr=args.lr, beta=args.beta, tau=args.tau, utility=args.utility,
                          center_embeddings=not args.no_center_embeddings,
                          reduction=args.reduction, eval_every=args.eval_every,
-                         patience=args.patience, seed=args.seed, lambda_sft=args.lambda_sft,
+                         patience=args.patience, select=args.select, seed=args.seed,
+                         lambda_sft=args.lambda_sft,
                          lambda_fkl=args.lambda_fkl, lambda_behaviour=args.lambda_behaviour,
                          lambda_retrieved=args.lambda_retrieved, retrieval_tau=args.retrieval_tau,
+                         retrieval_threshold=args.retrieval_threshold,
                          preference_min_timestep=args.preference_min_timestep,
                          shift_px=args.shift_px, lambda_d=args.lambda_d, lambda_u=args.lambda_u,
                          ema_decay=args.ema_decay, freeze_encoder=args.freeze_encoder,

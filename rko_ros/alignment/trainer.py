@@ -35,6 +35,23 @@ from rko_ros.policy.train import ShiftAugment, collate, ema_update
 PAIR_METHODS = ('dpo', 'rpo', 'fkpd')
 
 
+def otsu_threshold(values):
+    """The cut between two groups of `values` with the largest between-group variance (Otsu
+    1979), halfway between the two sorted neighbours it falls between. Fewer than two distinct
+    values: the largest one, so nothing lies above the cut."""
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    if len(v) < 2 or v[0] == v[-1]:
+        return float(v[-1]) if len(v) else 0.0
+    n = len(v)
+    k = np.arange(1, n)                               # k values in the low group
+    low_mean = np.cumsum(v)[:-1] / k
+    high_mean = (v.sum() - np.cumsum(v)[:-1]) / (n - k)
+    between = k * (n - k) * (high_mean - low_mean) ** 2
+    between[v[1:] == v[:-1]] = -1.0                   # no cut between equal values
+    i = int(np.argmax(between))
+    return float((v[i] + v[i + 1]) / 2)
+
+
 @dataclasses.dataclass
 class FinetuneConfig:
     method: str = 'rko'
@@ -80,6 +97,11 @@ class FinetuneConfig:
     holdout_fraction: float = 0.2
     eval_every: int = 25
     patience: int = 6                # evaluations without a better held-out margin before stopping; 0 = never
+    # Which evaluated checkpoint is kept (always one within the execution guard): 'margin' = the
+    # best held-out margin (the usual early stopping); 'last' = the latest one. With a handful of
+    # held-out episodes the margin is noisy, and on the cloth it picked early checkpoints that
+    # had not yet learnt the retrieved demonstrations: ...
+    select: str = 'margin'
     # [choice, not in the papers] Train the action network only; the image encoders keep the
     # parent's weights (the usual few-shot fine-tuning of a visuomotor policy). Cloth demo, the
     # 12000-step base's 20 labels, 1200 steps, 40 new cloths: 70 / 47.5 / 50% preferred-style
@@ -97,6 +119,12 @@ class FinetuneConfig:
     # clean examples of what the operator wants, which keep execution while the style moves.
     lambda_retrieved: float = 0.0
     retrieval_tau: float = 0.05
+    # Which demonstration episodes count as retrieved: mean score above this. None = split the
+    # episodes' scores in two by Otsu's rule (the cut with the largest between-group variance),
+    # never below 0.5. A fixed 0.5 let in styles the labels say little about: cloth demo round 2,
+    # the preferred style's demonstrations scored 0.83-0.92, the diagonal ones 0.28-0.54 (few
+    # diagonal labels) and 3 of them were retrieved, i.e. trained on as desirable.
+    retrieval_threshold: float = None
     # [choice, not in the papers] Preference interval: the method's own terms (DPO/RPO/KTO/RKO/
     # FKPD, not the BC anchors) are scored at diffusion timesteps >= this only. The high-noise
     # steps decide which kind of chunk is drawn (the mode: which fold); the low-noise steps place
@@ -124,8 +152,13 @@ class FinetuneConfig:
             raise TrainingError(f'ema_decay={self.ema_decay} must be in [0, 1) (0 = off)')
         if self.patience < 0:
             raise TrainingError(f'patience={self.patience} must be >= 0 (0 = no early stopping)')
+        if self.select not in ('margin', 'last'):
+            raise TrainingError(f"select '{self.select}' must be 'margin' or 'last'")
         if self.retrieval_tau <= 0:
             raise TrainingError(f'retrieval_tau={self.retrieval_tau} must be > 0')
+        if self.retrieval_threshold is not None and not 0.0 <= self.retrieval_threshold < 1.0:
+            raise TrainingError(f'retrieval_threshold={self.retrieval_threshold} must be in [0, 1) '
+                                f'(None = split the scores by Otsu\'s rule)')
         for name in ('lambda_sft', 'lambda_behaviour', 'lambda_fkl', 'lambda_d', 'lambda_u',
                      'lambda_retrieved'):
             if getattr(self, name) < 0:
@@ -366,10 +399,13 @@ class PreferenceTrainer:
                    [str(i) for i in range(int(episode_index.max()) + 1)])
         episodes, inverse = np.unique(episode_index, return_inverse=True)
         means = np.bincount(inverse, weights=scores) / np.bincount(inverse)
-        chosen = means > 0.5
+        threshold = self.cfg.retrieval_threshold
+        if threshold is None:
+            threshold = max(0.5, otsu_threshold(means))
+        chosen = means > threshold
         retrieved = np.flatnonzero(chosen[inverse])
         summary = {'episodes': [ids[e] for e in episodes[chosen]], 'windows': int(len(retrieved)),
-                   'of_episodes': len(episodes),
+                   'of_episodes': len(episodes), 'threshold': round(float(threshold), 4),
                    'scores': {ids[e]: round(float(m), 4) for e, m in zip(episodes, means)}}
         return retrieved, summary
 
@@ -548,7 +584,7 @@ class PreferenceTrainer:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         best_margin, best_state, best_step, evals_without_gain = -math.inf, None, 0, 0
-        best_guard, guard_rejected = None, 0
+        best_seen, best_guard, guard_rejected = -math.inf, None, 0
         bar = None
         if self.progress and self.rank == 0:
             from tqdm import tqdm
@@ -577,12 +613,13 @@ class PreferenceTrainer:
                     row['guard_error'] = guard
                     within = self._within_guard(guard)
                     guard_rejected += not within
-                if margin > best_margin and within:
-                    best_margin, best_step, evals_without_gain = margin, step, 0
+                improved = within and margin > best_seen
+                best_seen = margin if improved else best_seen
+                evals_without_gain = 0 if improved else evals_without_gain + 1
+                if improved if cfg.select == 'margin' else within:
+                    best_margin, best_step = margin, step
                     best_guard = row.get('guard_error')
                     best_state = copy.deepcopy(kept.state_dict())
-                else:
-                    evals_without_gain += 1
             self.history.append(row)
             if bar is not None:
                 bar.update(1)

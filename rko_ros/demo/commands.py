@@ -91,7 +91,8 @@ def register_bench(bench_subparsers):
     _guard_args(p, 'off, the methods as published')
     _finetune_run_args(p)
     # The bench's defaults: the methods as published.
-    p.set_defaults(lambda_retrieved=0.0, preference_min_timestep=0)
+    p.set_defaults(lambda_retrieved=0.0, preference_min_timestep=0, finetune_select='margin',
+                   finetune_ema_decay=0.0)
     p.add_argument('--quick', action='store_true',
                    help='tiny sizes for tests (the demo\'s --quick sizes, 2 and 4 labels, 1 seed, '
                         '2 evaluation rollouts); flags given still win')
@@ -118,6 +119,10 @@ def _demo_noise_arg(p):
                    help='scale of the scripted demonstrator\'s teleoperator noise (grasp and '
                         'release points, speeds, pauses, wobble); default 0.5: a careful operator, '
                         'as the policy grasps about as precisely as its demonstrations')
+    p.add_argument('--demo-attempts', type=int,
+                   help='tries per cloth and style: a failed demonstration is redone on the same '
+                        'cloth with new noise and only folds that worked are kept (default 3; 1 = '
+                        'keep every demonstration as it came)')
 
 
 def _finetune_run_args(p):
@@ -125,6 +130,13 @@ def _finetune_run_args(p):
                    help='held-out evaluations without gain before a fine-tuning run stops '
                         '(default 0 = run every step and keep the best evaluated one; '
                         '`rko finetune` stops after 6)')
+    p.add_argument('--finetune-select', choices=('margin', 'last'),
+                   help='checkpoint each fine-tuning keeps: the best held-out margin or the last '
+                        'evaluated one, always within the execution guard (demo default last, '
+                        'bench default margin: the methods as published)')
+    p.add_argument('--finetune-ema', type=float, dest='finetune_ema_decay',
+                   help='EMA decay of the fine-tuned weights, what is evaluated and kept (demo '
+                        'default 0.995, bench default 0 = the raw weights)')
     p.add_argument('--freeze-encoder', action='store_true',
                    help='fine-tune the action network only, keeping the pretrained image encoders '
                         '(default: the whole network, as published; see `rko finetune --help`)')
@@ -153,7 +165,8 @@ def _config(args):
         'data_dir': os.path.abspath(args.out), 'preferred_style': args.preferred_style,
         'method': getattr(args, 'method', 'rko'), 'seed': getattr(args, 'seed', 0),
         'demos_per_style': args.demos_per_style, 'pretrain_steps': args.pretrain_steps,
-        'demo_noise': args.demo_noise, 'shift_px': getattr(args, 'shift_px', None),
+        'demo_noise': args.demo_noise, 'demo_attempts': args.demo_attempts,
+        'shift_px': getattr(args, 'shift_px', None),
         'label_episodes': getattr(args, 'label_episodes', None),
         'label_rounds': getattr(args, 'label_rounds', None),
         'round_min_desirable': getattr(args, 'round_min_desirable', None),
@@ -163,6 +176,7 @@ def _config(args):
         'lambda_u': getattr(args, 'lambda_u', None),
         'guard_tolerance': args.guard_tolerance,
         'finetune_patience': args.finetune_patience, 'freeze_encoder': args.freeze_encoder,
+        'finetune_select': args.finetune_select, 'finetune_ema_decay': args.finetune_ema_decay,
         'lambda_retrieved': args.lambda_retrieved,
         'preference_min_timestep': args.preference_min_timestep,
         'device': getattr(args, 'device', None)}.items() if v is not None}

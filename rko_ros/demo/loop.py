@@ -35,6 +35,8 @@ def write_demo_params(path, cfg, base_config):
                                    '--seed', str(cfg.seed), '--lambda-sft', repr(cfg.lambda_sft),
                                    '--lambda-u', repr(cfg.lambda_u),
                                    '--patience', str(cfg.finetune_patience),
+                                   '--select', cfg.finetune_select,
+                                   '--ema-decay', repr(cfg.finetune_ema_decay),
                                    '--device', cfg.device] +
                    (['--freeze-encoder'] if cfg.freeze_encoder else []) +
                    (['--lambda-retrieved', repr(cfg.lambda_retrieved)] if cfg.lambda_retrieved else []) +

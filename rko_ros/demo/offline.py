@@ -28,8 +28,14 @@ def episode_windows(images, states, actions, n_obs_steps, horizon):
 
 
 def collect_demonstrations(task_config, styles, episodes_per_style, seed=0, noise=1.0, progress=None,
-                           shared_poses=True):
-    """Scripted folds in every style: a list of rollout dicts (images, state, action, result, style).
+                           shared_poses=True, attempts=1):
+    """Scripted folds in every style: a list of rollout dicts (images, state, action, result, style,
+    attempt).
+
+    `attempts` > 1: only successful folds are kept, as a team keeps only the teleoperated
+    demonstrations that worked. A fold that fails (or lands in another style) is demonstrated
+    again on the same cloth with a new noise draw, up to `attempts` times in all; a cloth and
+    style that fail every time are left out. 1: every demonstration is kept as it came.
 
     `shared_poses`: every style is demonstrated on the same cloth placements (seed + i), so the
     cloth's pose says nothing about the style. With a placement of its own per demonstration, a
@@ -42,7 +48,12 @@ def collect_demonstrations(task_config, styles, episodes_per_style, seed=0, nois
     for i in range(episodes_per_style):
         for j, style in enumerate(styles):
             cloth = seed + i if shared_poses else seed + 1000 * j + i
-            episodes.append(demo_episode(task, style, seed=cloth, noise=noise))
+            for attempt in range(max(1, int(attempts))):
+                episode = demo_episode(task, style, seed=cloth, noise=noise, attempt=attempt)
+                result = episode['result']
+                if attempts <= 1 or (result.success and result.style == style):
+                    episodes.append(episode)
+                    break
             if progress is not None:
                 progress.update(1)
     return episodes

@@ -102,15 +102,17 @@ class ScriptedDemonstrator:
         return action.copy()
 
 
-def demo_episode(task, style, seed, noise=1.0, record_images=True, extra_sizes=()):
-    """Reset `task` with `seed`, fold in `style`, return `task.rollout`'s dict (plus `style`)."""
+def demo_episode(task, style, seed, noise=1.0, record_images=True, extra_sizes=(), attempt=0):
+    """Reset `task` with `seed`, fold in `style`, return `task.rollout`'s dict (plus `style` and
+    `attempt`). `attempt` > 0 is the same cloth demonstrated again with a new noise draw."""
     demo = ScriptedDemonstrator(style, noise)
+    noise_seed = None if seed is None else seed + 7919 + 1_000_003 * int(attempt)
 
     def act(image, state, tick):
         if tick == 0:
-            demo.reset(task, seed=None if seed is None else seed + 7919)
+            demo.reset(task, seed=noise_seed)
         return demo.act()
 
     out = rollout(task, act, seed=seed, record_images=record_images, extra_sizes=extra_sizes)
-    out['style'] = style
+    out['style'], out['attempt'] = style, int(attempt)
     return out
