@@ -397,7 +397,7 @@ def test_retrieval_anchor_learns_from_the_demonstrations_like_the_desirable_epis
     assert set(retrieval['episodes']) == right            # every RIGHT demonstration, no LEFT one
     assert retrieval['windows'] == 72 and retrieval['of_episodes'] == 24
     assert all((score > 0.5) == (eid in right) for eid, score in retrieval['scores'].items())
-    assert retrieval['threshold'] >= 0.5                  # Otsu's cut between the two groups
+    assert retrieval['desirable_reach'] is not None and set(retrieval['distances']) == set(retrieval['scores'])
     assert set(mode_of(behaviour.action[trainer.retrieved]).tolist()) == {RIGHT}
     # A fixed threshold takes exactly the episodes scored above it (a softer softmax, so that
     # the scores spread out instead of being 0 or 1).
@@ -410,7 +410,6 @@ def test_retrieval_anchor_learns_from_the_demonstrations_like_the_desirable_epis
     strict = PreferenceTrainer(store.load_policy(parent), data,
                                dataclasses.replace(soft, retrieval_threshold=cut),
                                behaviour=behaviour, progress=False).retrieval
-    assert strict['threshold'] == pytest.approx(cut, abs=1e-4)
     assert set(strict['episodes']) == {e for e, v in spread.items() if v > cut}
     assert len(strict['episodes']) == 6 and strict['windows'] == 36
     # The anchor is + lambda x the retrieved windows' BC error, drawn after the method's batch.
@@ -438,20 +437,49 @@ def test_retrieval_anchor_learns_from_the_demonstrations_like_the_desirable_epis
         FinetuneConfig(method='rko', lambda_retrieved=-1)
     with pytest.raises(TrainingError, match=r'retrieval_threshold=1.0 must be in \[0, 1\)'):
         FinetuneConfig(method='rko', retrieval_threshold=1.0)
+    with pytest.raises(TrainingError, match='retrieval_reach=-1 must be >= 0'):
+        FinetuneConfig(method='rko', retrieval_reach=-1)
 
 
-def test_otsu_threshold_cuts_at_the_widest_split():
-    from rko_ros.alignment.trainer import otsu_threshold
-    # Scores like the cloth demo's second round: the preferred style's demonstrations high, an
-    # ambiguous style in the middle, the opposite style low. The cut falls below the high group.
+def test_retrieval_leaves_out_a_style_no_label_shows(pretrained, monkeypatch):
+    """The relative score alone retrieves a kind of demonstration no label shows whenever it is
+    less unlike the desirable episodes than the undesirable ones (the cloth demo's diagonal folds
+    when only right_to_left ones were labelled bad). The reach test keeps only demonstrations as
+    near the desirable episodes as those are to each other. Features are set by hand here: unit
+    vectors at an angle, desirable windows near 0 degrees, undesirable ones at 180."""
+    from rko_ros.alignment import trainer as trainer_module
+    from rko_ros.policy.train import ArrayWindows
+    store, parent, data, _ = pretrained
+    config = store.load_policy(parent).config
     rng = np.random.default_rng(0)
-    low, mid, high = rng.uniform(0.07, 0.15, 20), rng.uniform(0.28, 0.54, 20), rng.uniform(0.83, 0.92, 20)
-    cut = otsu_threshold(np.concatenate([mid, high, low]))
-    assert mid.max() < cut < high.min()
-    assert otsu_threshold([0.1, 0.2, 0.9]) == pytest.approx(0.55)
-    assert otsu_threshold([0.1, 0.8, 0.9]) == pytest.approx(0.45)
-    # No spread: nothing lies above the cut.
-    assert otsu_threshold([0.7, 0.7, 0.7]) == 0.7 and otsu_threshold([0.3]) == 0.3
+    # 12 demonstration episodes of 4 windows: like the desirable ones (0 deg), an unlabelled
+    # kind (60 deg), like the undesirable ones (170 deg).
+    kinds = np.repeat(np.arange(12) % 3, 4)
+    demos, _ = make_two_mode_windows(config, n=len(kinds), modes=np.zeros(len(kinds), int), seed=2)
+    behaviour = ArrayWindows(demos.images, demos.state, demos.action, np.arange(len(kinds)) // 4)
+    angle = {'labelled': np.where(data.label > 0, 0.0, 180.0) + rng.normal(0, 2.0, len(data.label)),
+             'behaviour': np.array([0.0, 60.0, 170.0])[kinds] + rng.normal(0, 2.0, len(kinds))}
+
+    def features(self, source, idx, center):
+        a = np.radians(angle['behaviour' if source is self.behaviour else 'labelled'][idx])
+        u = torch.as_tensor(np.stack([np.cos(a), np.sin(a)], axis=1), dtype=torch.float32)
+        return torch.cat([u, u], dim=1)        # two unit halves, as the real features have
+    monkeypatch.setattr(trainer_module.PreferenceTrainer, '_retrieval_features', features)
+    cfg = FinetuneConfig(method='rko', steps=2, batch_size=8, lambda_retrieved=1.0, seed=3)
+    reach_on = PreferenceTrainer(store.load_policy(parent), data, cfg, behaviour=behaviour,
+                                 progress=False).retrieval
+    reach_off = PreferenceTrainer(store.load_policy(parent), data,
+                                  dataclasses.replace(cfg, retrieval_reach=0.0), behaviour=behaviour,
+                                  progress=False).retrieval
+    like = {str(e) for e in range(12) if e % 3 == 0}
+    unlabelled = {str(e) for e in range(12) if e % 3 == 1}
+    assert all(reach_on['scores'][e] > 0.5 for e in like | unlabelled)    # the score can't tell
+    assert set(reach_off['episodes']) == like | unlabelled
+    assert set(reach_on['episodes']) == like
+    # Distances: 1 - cos; the desirable episodes' leave-one-out distance is a few degrees' worth.
+    assert reach_on['desirable_reach'] < 1 - np.cos(np.radians(10))
+    assert all(reach_on['distances'][e] > 0.4 for e in unlabelled)
+    assert all(reach_on['distances'][e] <= 2 * reach_on['desirable_reach'] for e in like)
 
 
 @pytest.mark.parametrize('method', ['rko', 'dpo'])

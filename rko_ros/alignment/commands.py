@@ -49,10 +49,13 @@ def register(subparsers):
                         'windows); the version card lists the retrieved episodes; 0 (default) = off')
     p.add_argument('--retrieval-tau', type=float, default=0.05,
                    help='softmax temperature of that retrieval (default 0.05)')
-    p.add_argument('--retrieval-threshold', type=float,
-                   help='retrieve the demonstrations whose mean score (share of desirable '
-                        'similarity, 0..1) is above this (default: the cut that splits the '
-                        'scores into two groups best, Otsu\'s rule, and at least 0.5)')
+    p.add_argument('--retrieval-threshold', type=float, default=0.5,
+                   help='retrieve a demonstration only if its mean score (share of desirable '
+                        'similarity, 0..1) is above this (default 0.5)')
+    p.add_argument('--retrieval-reach', type=float, default=2.0,
+                   help='... and only if its distance to the desirable episodes is at most this x '
+                        'the largest distance of one desirable episode to the others (default 2; '
+                        '0 = no such test: a style no label shows can then be retrieved)')
     p.add_argument('--preference-min-timestep', type=int, default=0,
                    help='score the method\'s own terms at diffusion timesteps >= this only (the '
                         'high-noise steps that choose which behaviour is drawn; the BC anchors '
@@ -161,6 +164,7 @@ def _finetune(args):
                          lambda_fkl=args.lambda_fkl, lambda_behaviour=args.lambda_behaviour,
                          lambda_retrieved=args.lambda_retrieved, retrieval_tau=args.retrieval_tau,
                          retrieval_threshold=args.retrieval_threshold,
+                         retrieval_reach=args.retrieval_reach,
                          preference_min_timestep=args.preference_min_timestep,
                          shift_px=args.shift_px, lambda_d=args.lambda_d, lambda_u=args.lambda_u,
                          ema_decay=args.ema_decay, freeze_encoder=args.freeze_encoder,

@@ -35,23 +35,6 @@ from rko_ros.policy.train import ShiftAugment, collate, ema_update
 PAIR_METHODS = ('dpo', 'rpo', 'fkpd')
 
 
-def otsu_threshold(values):
-    """The cut between two groups of `values` with the largest between-group variance (Otsu
-    1979), halfway between the two sorted neighbours it falls between. Fewer than two distinct
-    values: the largest one, so nothing lies above the cut."""
-    v = np.sort(np.asarray(values, dtype=np.float64))
-    if len(v) < 2 or v[0] == v[-1]:
-        return float(v[-1]) if len(v) else 0.0
-    n = len(v)
-    k = np.arange(1, n)                               # k values in the low group
-    low_mean = np.cumsum(v)[:-1] / k
-    high_mean = (v.sum() - np.cumsum(v)[:-1]) / (n - k)
-    between = k * (n - k) * (high_mean - low_mean) ** 2
-    between[v[1:] == v[:-1]] = -1.0                   # no cut between equal values
-    i = int(np.argmax(between))
-    return float((v[i] + v[i + 1]) / 2)
-
-
 @dataclasses.dataclass
 class FinetuneConfig:
     method: str = 'rko'
@@ -100,7 +83,7 @@ class FinetuneConfig:
     # Which evaluated checkpoint is kept (always one within the execution guard): 'margin' = the
     # best held-out margin (the usual early stopping); 'last' = the latest one. With a handful of
     # held-out episodes the margin is noisy, and on the cloth it picked early checkpoints that
-    # had not yet learnt the retrieved demonstrations: ...
+    # had not yet learnt the retrieved demonstrations (the demo uses 'last', DemoConfig).
     select: str = 'margin'
     # [choice, not in the papers] Train the action network only; the image encoders keep the
     # parent's weights (the usual few-shot fine-tuning of a visuomotor policy). Cloth demo, the
@@ -119,12 +102,21 @@ class FinetuneConfig:
     # clean examples of what the operator wants, which keep execution while the style moves.
     lambda_retrieved: float = 0.0
     retrieval_tau: float = 0.05
-    # Which demonstration episodes count as retrieved: mean score above this. None = split the
-    # episodes' scores in two by Otsu's rule (the cut with the largest between-group variance),
-    # never below 0.5. A fixed 0.5 let in styles the labels say little about: cloth demo round 2,
-    # the preferred style's demonstrations scored 0.83-0.92, the diagonal ones 0.28-0.54 (few
-    # diagonal labels) and 3 of them were retrieved, i.e. trained on as desirable.
-    retrieval_threshold: float = None
+    # A demonstration episode is retrieved when its mean score is above retrieval_threshold
+    # (nearer the desirable windows than the undesirable ones) and it lies within reach of the
+    # desirable episodes: its distance to them (1 - the mean over its windows of the largest
+    # similarity to a desirable window, similarity = the feature cosine / 2) at most
+    # retrieval_reach x the largest such leave-one-episode-out distance among the desirable
+    # training episodes themselves (needs two of them; 0 = no reach test). The score alone is
+    # relative: a style no label shows is retrieved when it is less unlike the desirable
+    # episodes than the undesirable ones are. Cloth demo, round 1 with 8 desirable (left_to_right)
+    # and 2 undesirable (right_to_left) labels: every diagonal demonstration scored 0.71-0.89 and
+    # was retrieved, and the round-1 model folded diagonally 3 times in 10. Its distances:
+    # left_to_right demonstrations 0.006-0.034, diagonal 0.085-0.136, right_to_left 0.24-0.29,
+    # desirable leave-one-out at most 0.020 (three demos' rounds: 2x keeps exactly the
+    # preferred style's demonstrations, 1.5x dropped one of them).
+    retrieval_threshold: float = 0.5
+    retrieval_reach: float = 2.0
     # [choice, not in the papers] Preference interval: the method's own terms (DPO/RPO/KTO/RKO/
     # FKPD, not the BC anchors) are scored at diffusion timesteps >= this only. The high-noise
     # steps decide which kind of chunk is drawn (the mode: which fold); the low-noise steps place
@@ -156,9 +148,10 @@ class FinetuneConfig:
             raise TrainingError(f"select '{self.select}' must be 'margin' or 'last'")
         if self.retrieval_tau <= 0:
             raise TrainingError(f'retrieval_tau={self.retrieval_tau} must be > 0')
-        if self.retrieval_threshold is not None and not 0.0 <= self.retrieval_threshold < 1.0:
-            raise TrainingError(f'retrieval_threshold={self.retrieval_threshold} must be in [0, 1) '
-                                f'(None = split the scores by Otsu\'s rule)')
+        if not 0.0 <= self.retrieval_threshold < 1.0:
+            raise TrainingError(f'retrieval_threshold={self.retrieval_threshold} must be in [0, 1)')
+        if self.retrieval_reach < 0:
+            raise TrainingError(f'retrieval_reach={self.retrieval_reach} must be >= 0 (0 = no reach test)')
         for name in ('lambda_sft', 'lambda_behaviour', 'lambda_fkl', 'lambda_d', 'lambda_u',
                      'lambda_retrieved'):
             if getattr(self, name) < 0:
@@ -377,7 +370,8 @@ class PreferenceTrainer:
     @torch.no_grad()
     def _retrieve(self, chunk=256):
         """Behaviour window indices of the demonstration episodes nearer the desirable training
-        windows than the undesirable ones (FinetuneConfig.lambda_retrieved), and a summary."""
+        windows than the undesirable ones and within reach of the desirable ones
+        (FinetuneConfig.lambda_retrieved, retrieval_threshold, retrieval_reach), and a summary."""
         if len(self.pos) == 0 or len(self.neg) == 0:
             raise TrainingError('lambda_retrieved needs desirable and undesirable training episodes')
         labelled = np.concatenate([self.pos, self.neg])
@@ -387,27 +381,48 @@ class PreferenceTrainer:
         keys = self._retrieval_features(self.data.windows, labelled, center)
         # Class-balanced: each class's similarity mass divided by its number of windows.
         balance = torch.where(desirable > 0, 1.0 / len(self.pos), 1.0 / len(self.neg))
-        scores = []
+        scores, nearest = [], []
         all_idx = np.arange(len(self.behaviour))
         for start in range(0, len(all_idx), chunk):
             q = self._retrieval_features(self.behaviour, all_idx[start:start + chunk], center)
-            w = torch.softmax(q @ keys.T / self.cfg.retrieval_tau, dim=1) * balance
+            sim = q @ keys.T
+            w = torch.softmax(sim / self.cfg.retrieval_tau, dim=1) * balance
             scores.append(((w * desirable).sum(1) / w.sum(1)).cpu())
-        scores = torch.cat(scores).numpy()
+            nearest.append((sim[:, :len(self.pos)].max(1).values / 2).cpu())
+        scores, nearest = torch.cat(scores).numpy(), torch.cat(nearest).numpy()
         episode_index = np.asarray(self.behaviour.episode_index)
         ids = list(getattr(self.behaviour, 'episode_ids', None) or
                    [str(i) for i in range(int(episode_index.max()) + 1)])
         episodes, inverse = np.unique(episode_index, return_inverse=True)
-        means = np.bincount(inverse, weights=scores) / np.bincount(inverse)
-        threshold = self.cfg.retrieval_threshold
-        if threshold is None:
-            threshold = max(0.5, otsu_threshold(means))
-        chosen = means > threshold
+        counts = np.bincount(inverse)
+        means = np.bincount(inverse, weights=scores) / counts
+        distance = 1.0 - np.bincount(inverse, weights=nearest) / counts
+        reach = self._desirable_reach(keys[:len(self.pos)])
+        chosen = means > self.cfg.retrieval_threshold
+        if reach is not None and self.cfg.retrieval_reach:
+            chosen &= distance <= self.cfg.retrieval_reach * reach
         retrieved = np.flatnonzero(chosen[inverse])
         summary = {'episodes': [ids[e] for e in episodes[chosen]], 'windows': int(len(retrieved)),
-                   'of_episodes': len(episodes), 'threshold': round(float(threshold), 4),
-                   'scores': {ids[e]: round(float(m), 4) for e, m in zip(episodes, means)}}
+                   'of_episodes': len(episodes),
+                   'desirable_reach': None if reach is None else round(float(reach), 4),
+                   'scores': {ids[e]: round(float(m), 4) for e, m in zip(episodes, means)},
+                   'distances': {ids[e]: round(float(d), 4) for e, d in zip(episodes, distance)}}
         return retrieved, summary
+
+    def _desirable_reach(self, keys, chunk=256):
+        """The largest leave-one-episode-out distance among the desirable training episodes (1 -
+        mean over an episode's windows of the largest similarity to another desirable episode's
+        window), or None with fewer than two of them."""
+        episode = torch.as_tensor(self.data.episode_index[self.pos], device=keys.device)
+        if len(torch.unique(episode)) < 2:
+            return None
+        best = []
+        for start in range(0, len(keys), chunk):
+            sim = (keys[start:start + chunk] @ keys.T) / 2
+            sim[episode[start:start + chunk, None] == episode[None, :]] = -math.inf
+            best.append(sim.max(1).values)
+        best = torch.cat(best)
+        return max(1.0 - float(best[episode == e].mean()) for e in torch.unique(episode))
 
     def _chunks(self, source, idx, chunk=64):
         """(slice into idx, collated batch of source[idx[slice]]) in chunks, for no-grad passes."""
