@@ -45,8 +45,9 @@ def register(subparsers):
     p.add_argument('--lambda-retrieved', type=float, default=0.0,
                    help='retrieval anchor: + this x the denoising error of the pretraining '
                         'demonstrations that resemble the desirable episodes more than the '
-                        'undesirable ones (observation embedding + action chunk, nearest labelled '
-                        'windows); the version card lists the retrieved episodes; 0 (default) = off')
+                        'undesirable ones and about as much as the desirable ones resemble each '
+                        'other (observation embedding + action chunk, nearest labelled windows); '
+                        'the version card lists the retrieved episodes; 0 (default) = off')
     p.add_argument('--retrieval-tau', type=float, default=0.05,
                    help='softmax temperature of that retrieval (default 0.05)')
     p.add_argument('--retrieval-threshold', type=float, default=0.5,
