@@ -19,7 +19,10 @@ def test_quick_demo_runs_the_loop_end_to_end(tmp_path):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert 'preferred-style success' in result.stdout
     assert summary['labelled_episodes'] == 4 and summary['after']['episodes'] == 2
-    assert summary['pretrain']['demonstration_success'] >= 0.8
+    # Failed demonstrations are redone (or left out), so every one kept folded well.
+    pretrain = summary['pretrain']
+    assert pretrain['demonstration_success'] == 1.0
+    assert pretrain['demonstrations_redone'] >= 0 and pretrain['demonstrations_left_out'] >= 0
     # Every episode, scripted or run through the policy node, is a complete bag in the catalog.
     with Catalog(str(out)) as catalog:
         episodes = catalog.list()

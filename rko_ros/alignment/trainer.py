@@ -111,10 +111,10 @@ class FinetuneConfig:
     # relative: a style no label shows is retrieved when it is less unlike the desirable
     # episodes than the undesirable ones are. Cloth demo, round 1 with 8 desirable (left_to_right)
     # and 2 undesirable (right_to_left) labels: every diagonal demonstration scored 0.71-0.89 and
-    # was retrieved, and the round-1 model folded diagonally 3 times in 10. Its distances:
-    # left_to_right demonstrations 0.006-0.034, diagonal 0.085-0.136, right_to_left 0.24-0.29,
-    # desirable leave-one-out at most 0.020 (three demos' rounds: 2x keeps exactly the
-    # preferred style's demonstrations, 1.5x dropped one of them).
+    # was retrieved, and the round-1 model folded diagonally 3 times in 10. Distances on three
+    # label sets from two demo runs: left_to_right demonstrations 0.005-0.034, diagonal
+    # 0.083-0.136, right_to_left 0.24-0.30, the desirable episodes' own reach 0.020-0.030; 2x
+    # keeps exactly the preferred style's demonstrations every time, 1.5x dropped one of them.
     retrieval_threshold: float = 0.5
     retrieval_reach: float = 2.0
     # [choice, not in the papers] Preference interval: the method's own terms (DPO/RPO/KTO/RKO/

@@ -211,9 +211,15 @@ def _pretrained(cfg, progress=True):
               disable=not progress) as bar:
         ids, episodes = pipeline.record_demonstrations(cfg, progress=bar)
     demo_success = sum(e['result'].success for e in episodes) / len(episodes)
+    redone = sum(e.get('attempt', 0) > 0 for e in episodes)
+    left_out = len(cfg.styles) * cfg.demos_per_style - len(episodes)
+    if redone or left_out:
+        print(f'  {redone} failed demonstrations redone on their cloth, {left_out} left out '
+              f'(--demo-attempts {cfg.demo_attempts})', file=sys.stderr, flush=True)
     _stage(f'2/5 pretraining the small diffusion policy ({cfg.pretrain_steps} steps)')
     version, metrics = pipeline.pretrain(cfg, ids, progress=progress)
-    metrics['demonstration_success'] = demo_success
+    metrics.update(demonstration_success=demo_success, demonstrations_redone=redone,
+                   demonstrations_left_out=left_out)
     return version, metrics, time.perf_counter() - start
 
 
