@@ -35,6 +35,13 @@ from rko_ros.policy.train import ShiftAugment, collate, ema_update
 PAIR_METHODS = ('dpo', 'rpo', 'fkpd')
 
 
+def _episode_means(episode_index, *values):
+    """(episodes, inverse, one per-episode mean array per values array) over window arrays."""
+    episodes, inverse = np.unique(np.asarray(episode_index), return_inverse=True)
+    counts = np.bincount(inverse)
+    return (episodes, inverse) + tuple(np.bincount(inverse, weights=v) / counts for v in values)
+
+
 @dataclasses.dataclass
 class FinetuneConfig:
     method: str = 'rko'
@@ -393,10 +400,8 @@ class PreferenceTrainer:
         episode_index = np.asarray(self.behaviour.episode_index)
         ids = list(getattr(self.behaviour, 'episode_ids', None) or
                    [str(i) for i in range(int(episode_index.max()) + 1)])
-        episodes, inverse = np.unique(episode_index, return_inverse=True)
-        counts = np.bincount(inverse)
-        means = np.bincount(inverse, weights=scores) / counts
-        distance = 1.0 - np.bincount(inverse, weights=nearest) / counts
+        episodes, inverse, means, nearness = _episode_means(episode_index, scores, nearest)
+        distance = 1.0 - nearness
         reach = self._desirable_reach(keys[:len(self.pos)])
         chosen = means > self.cfg.retrieval_threshold
         if reach is not None and self.cfg.retrieval_reach:
@@ -413,16 +418,17 @@ class PreferenceTrainer:
         """The largest leave-one-episode-out distance among the desirable training episodes (1 -
         mean over an episode's windows of the largest similarity to another desirable episode's
         window), or None with fewer than two of them."""
-        episode = torch.as_tensor(self.data.episode_index[self.pos], device=keys.device)
-        if len(torch.unique(episode)) < 2:
+        episode_index = self.data.episode_index[self.pos]
+        if len(np.unique(episode_index)) < 2:
             return None
+        episode = torch.as_tensor(episode_index, device=keys.device)
         best = []
         for start in range(0, len(keys), chunk):
             sim = (keys[start:start + chunk] @ keys.T) / 2
             sim[episode[start:start + chunk, None] == episode[None, :]] = -math.inf
-            best.append(sim.max(1).values)
-        best = torch.cat(best)
-        return max(1.0 - float(best[episode == e].mean()) for e in torch.unique(episode))
+            best.append(sim.max(1).values.cpu())
+        _, _, nearness = _episode_means(episode_index, torch.cat(best).numpy())
+        return float(1.0 - nearness.min())
 
     def _chunks(self, source, idx, chunk=64):
         """(slice into idx, collated batch of source[idx[slice]]) in chunks, for no-grad passes."""
