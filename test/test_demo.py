@@ -13,12 +13,14 @@ def test_quick_demo_runs_the_loop_end_to_end(tmp_path):
     # Two desirable labels of 5 cannot come from 4 labels: round 1 waits for them up to its cap
     # (3 of the 4), round 2 labels the last one.
     result = subprocess.run([sys.executable, '-m', 'rko_ros.cli', 'demo', '--quick', '--out', str(out),
-                             '--round-min-desirable', '5', '--json'],
+                             '--round-min-desirable', '5', '--noise-scale', '0.5', '--json'],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert 'preferred-style success' in result.stdout
     assert summary['labelled_episodes'] == 4 and summary['after']['episodes'] == 2
+    # The policy node sampled at the noise scale asked for (read back from policy/status).
+    assert summary['noise_scale'] == 0.5 and 'policy noise scale 0.5' in result.stdout
     # Failed demonstrations are redone (or left out), so every one kept folded well.
     pretrain = summary['pretrain']
     assert pretrain['demonstration_success'] == 1.0
@@ -178,7 +180,7 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     from rko_ros.demo.pipeline import DemoConfig
     from rko_ros.ros.commands import default_config_path
     cfg = DemoConfig(lambda_u=0.25, lambda_sft=2.0, device='cpu', guard_tolerance=None,
-                     preference_min_timestep=30, lambda_retrieved=8.0)
+                     preference_min_timestep=30, lambda_retrieved=8.0, noise_scale=0.25)
     path = write_demo_params(str(tmp_path / 'p.yaml'), cfg, default_config_path())
     with open(path) as f:
         trainer = yaml.safe_load(f)['/**/trainer_node']['ros__parameters']
@@ -190,6 +192,8 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     assert pairs['--lambda-retrieved'] == '8.0'
     assert pairs['--preference-min-timestep'] == '30'
     assert pairs['--select'] == 'last' and pairs['--ema-decay'] == '0.995'   # the demo's defaults
+    with open(path) as f:   # every ROS episode samples at the demo's noise scale
+        assert yaml.safe_load(f)['/**/policy_node']['ros__parameters']['noise_scale'] == 0.25
     cfg = DemoConfig(freeze_encoder=True, finetune_select='margin', finetune_ema_decay=0.0, finetune_patience=4, finetune_steps=600, lambda_retrieved=0.0,
                      preference_min_timestep=0)
     path = write_demo_params(str(tmp_path / 'q.yaml'), cfg, default_config_path())

@@ -70,6 +70,22 @@ def test_onnx_runtime_matches_pytorch(store_with_model):
     assert np.abs(runtime.predict(images[0], state[0], noise[1]) - single).max() > 1e-3
 
 
+def test_noise_scale_scales_the_drawn_noise_and_zero_makes_chunks_deterministic(store_with_model):
+    from rko_ros.errors import ConfigError
+    store, version, _ = store_with_model
+    runtime = PolicyRuntime(store.version_dir(version))
+    images, state, _ = _inputs(runtime.card)
+    drawn = np.random.default_rng(5).standard_normal((1, 16, 3)).astype(np.float32)[0]
+    half = runtime.predict(images, state, seed=5, noise_scale=0.5)
+    assert np.abs(half - runtime.predict(images, state, 0.5 * drawn)).max() < 1e-6
+    assert np.abs(half - runtime.predict(images, state, seed=5)).max() > 1e-3
+    zero = [runtime.predict(images, state, seed=s, noise_scale=0.0) for s in (1, 2)]
+    assert np.abs(zero[0] - zero[1]).max() == 0.0
+    assert np.abs(zero[0] - runtime.predict(images, state, np.zeros_like(drawn))).max() < 1e-6
+    with pytest.raises(ConfigError, match='noise_scale=-0.1 must be 0..2'):
+        runtime.predict(images, state, noise_scale=-0.1)
+
+
 def test_runtime_works_without_torch(store_with_model):
     store, version, _ = store_with_model
     code = (

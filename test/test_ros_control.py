@@ -154,3 +154,25 @@ def test_controller_refuses_actions_outside_the_limits(runtime):
         assert len(logged) == 1 and 'outside action_limits' in logged[0]
     finally:
         controller.close()
+
+
+def test_controller_samples_at_its_noise_scale(runtime):
+    from rko_ros.errors import ConfigError
+    card = runtime.card
+    for scale in (0.0, 1.0):
+        controller = PolicyController(runtime, ['camera'], card['n_obs_steps'],
+                                      card['n_action_steps'], card['horizon'], 10.0,
+                                      max_obs_age_s=0.3, noise_scale=scale)
+        try:
+            acted = [a for a, _ in _run(controller, card, 30) if a is not None]
+            images, state, _ = controller.obs.stacked()   # the same frame every tick
+            assert controller.status()['noise_scale'] == scale
+        finally:
+            controller.close()
+        # Scale 0: every chunk is the one deterministic chunk for this observation.
+        reference = runtime.predict(images, state, np.zeros((card['horizon'], 3), np.float32))
+        in_reference = [np.abs(reference - a).max(axis=1).min() < 1e-5 for a in acted]
+        assert len(acted) >= 20
+        assert all(in_reference) if scale == 0.0 else not any(in_reference)
+    with pytest.raises(ConfigError, match='noise_scale=3.0 must be 0..2'):
+        PolicyController(runtime, ['camera'], 1, 8, 16, 10.0, 0.3, noise_scale=3.0)

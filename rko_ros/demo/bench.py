@@ -18,7 +18,8 @@ def labelled_rollouts(cfg, version_dir, count):
     runtime = PolicyRuntime(version_dir)
     episodes = offline.evaluate_policy(offline.runtime_predictor(runtime), runtime.card,
                                        cfg.task_config(), pipeline.seeds_for('label', count, cfg.seed),
-                                       batch=10, record_images=True, seed=cfg.seed)
+                                       batch=10, record_images=True, seed=cfg.seed,
+                                       noise_scale=cfg.noise_scale)
     operator = SimulatedOperator(cfg.preferred_style)
     return episodes, [operator.label(e['result']) for e in episodes]
 
@@ -36,7 +37,7 @@ def evaluate_version(cfg, version_dir, eval_episodes, seed=0):
     runtime = PolicyRuntime(version_dir)
     episodes = offline.evaluate_policy(offline.runtime_predictor(runtime), runtime.card,
                                        cfg.task_config(), pipeline.seeds_for('after', eval_episodes, cfg.seed),
-                                       batch=10, seed=seed)
+                                       batch=10, seed=seed, noise_scale=cfg.noise_scale)
     return offline.summarize([e['result'] for e in episodes], cfg.preferred_style)
 
 
@@ -119,7 +120,7 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
               'lambda_u': cfg.lambda_u, 'freeze_encoder': cfg.freeze_encoder,
               'lambda_retrieved': cfg.lambda_retrieved,
               'preference_min_timestep': cfg.preference_min_timestep,
-              'guard_tolerance': cfg.guard_tolerance,
+              'guard_tolerance': cfg.guard_tolerance, 'noise_scale': cfg.noise_scale,
               'pretrained_version': parent,
               'pretrained': pretrained, 'table': table, 'rko_ahead_of': rko_ahead, 'runs': runs}
     result['plot'] = _plot(result, os.path.join(cfg.data_dir, 'alignment_bench.png'))

@@ -119,6 +119,11 @@ def _demo_noise_arg(p):
                    help='scale of the scripted demonstrator\'s teleoperator noise (grasp and '
                         'release points, speeds, pauses, wobble); default 0.5: a careful operator, '
                         'as the policy grasps about as precisely as its demonstrations')
+    p.add_argument('--noise-scale', type=float,
+                   help='scale of the policy\'s diffusion noise in every episode, labelled or '
+                        'evaluated (policy_node noise_scale; default 1 = as Diffusion Policy '
+                        'samples, 0 = deterministic chunks). Below 1 this task\'s policies drift '
+                        'to left_to_right whatever the labels (README)')
     p.add_argument('--demo-attempts', type=int,
                    help='tries per cloth and style: a failed demonstration is redone on the same '
                         'cloth with new noise and only folds that worked are kept (default 3; 1 = '
@@ -166,6 +171,7 @@ def _config(args):
         'method': getattr(args, 'method', 'rko'), 'seed': getattr(args, 'seed', 0),
         'demos_per_style': args.demos_per_style, 'pretrain_steps': args.pretrain_steps,
         'demo_noise': args.demo_noise, 'demo_attempts': args.demo_attempts,
+        'noise_scale': args.noise_scale,
         'shift_px': getattr(args, 'shift_px', None),
         'label_episodes': getattr(args, 'label_episodes', None),
         'label_rounds': getattr(args, 'label_rounds', None),
@@ -316,11 +322,14 @@ def _demo(args):
             rolled_back_to = loop.policy_status.get('model_version')
             reload_ok, _ = loop.call('policy/reload')
             rollback_ok = bool(rollback_ok) and rolled_back_to == parent
+        # What the policy node says it samples with (its noise_scale parameter, from the demo's).
+        node_noise_scale = loop.policy_status.get('noise_scale')
     finally:
         loop.close()
     summary = {
         'preferred_style': cfg.preferred_style, 'method': cfg.method,
         'pretrained_version': pretrained, 'aligned_version': new_version,
+        'noise_scale': None if node_noise_scale is None else float(node_noise_scale),
         'labelled_episodes': len(labelled),
         'desirable_labels': sum(bool(e['label']) for e in labelled), 'rounds': rounds,
         'before': summarize_dicts(before, cfg.preferred_style),

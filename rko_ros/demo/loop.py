@@ -28,7 +28,7 @@ def write_demo_params(path, cfg, base_config):
     sim.update({'image_width_px': int(w), 'image_height_px': int(h), 'seed': int(cfg.seed) + 200_000,
                 'episode_ticks': int(task.episode_ticks), 'camera_view_m': float(task.view_m)})
     policy = params.setdefault('/**/policy_node', {}).setdefault('ros__parameters', {})
-    policy.update({'enabled': False})
+    policy.update({'enabled': False, 'noise_scale': float(cfg.noise_scale)})
     trainer = params.setdefault('/**/trainer_node', {}).setdefault('ros__parameters', {})
     trainer.update({'method': cfg.method, 'steps': int(cfg.finetune_steps), 'auto_reload': True,
                     'extra_args': ['--batch-size', str(cfg.batch_size // 2),

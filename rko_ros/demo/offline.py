@@ -74,8 +74,11 @@ class BatchedChunkPolicy:
     `predict(images (B,To,N,3,H,W) uint8, state (B,To,S), noise (B,H,A)) -> actions (B,H,A)`.
     """
 
-    def __init__(self, predict, n_obs_steps, horizon, action_dim, n_action_steps, seed=0):
+    def __init__(self, predict, n_obs_steps, horizon, action_dim, n_action_steps, seed=0,
+                 noise_scale=1.0):
+        from rko_ros.policy.runtime import check_noise_scale
         self.predict = predict
+        self.noise_scale = np.float32(check_noise_scale(noise_scale))
         self.n_obs_steps, self.horizon, self.action_dim = n_obs_steps, horizon, action_dim
         self.n_action_steps = n_action_steps
         self.rng = np.random.default_rng(seed)
@@ -102,6 +105,7 @@ class BatchedChunkPolicy:
                 images = np.stack([history_img[i] for i in idx], axis=1)          # B,To,N,3,H,W
                 states = np.stack([history_state[i] for i in idx], axis=1)        # B,To,S
                 noise = self.rng.standard_normal((b, self.horizon, self.action_dim)).astype(np.float32)
+                noise *= self.noise_scale   # as the policy node does (its noise_scale)
                 chunk, used = self.predict(images, states, noise), 0
             action = chunk[:, used]
             used += 1
@@ -140,7 +144,7 @@ def torch_predictor(policy):
 
 
 def evaluate_policy(predict, card_like, task_config, seeds, batch=10, record_images=False,
-                    seed=0, extra_sizes=()):
+                    seed=0, extra_sizes=(), noise_scale=1.0):
     """Roll out `predict` on the cloth for each seed; returns the rollout dicts (with `result`).
 
     The diffusion noise is drawn from (`seed`, first cloth seed), so stages with disjoint cloth
@@ -149,7 +153,7 @@ def evaluate_policy(predict, card_like, task_config, seeds, batch=10, record_ima
     noise_seed = [int(seed), int(seeds[0]) if len(seeds) else 0]
     runner = BatchedChunkPolicy(predict, card_like['n_obs_steps'], card_like['horizon'],
                                 len(card_like['action_names']), card_like['n_action_steps'],
-                                seed=noise_seed)
+                                seed=noise_seed, noise_scale=noise_scale)
     episodes = []
     for start in range(0, len(seeds), batch):
         chunk_seeds = list(seeds[start:start + batch])

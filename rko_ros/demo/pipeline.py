@@ -101,6 +101,12 @@ class DemoConfig:
     # Pretraining moves each window's camera image by up to this many pixels and the gripper's
     # positions with it (PolicyConfig train.shift_joints): the same fold at another placement.
     shift_px: int = 0
+    # The policy node's noise_scale in every ROS episode (labelled and evaluated alike, so before
+    # and after are measured the same way) and in the report's offline frames. 1, as Diffusion
+    # Policy samples: below 1 this task's policies drift to left_to_right, the preferred style,
+    # whatever the labels (rko_ros.policy.runtime); 0.5 made the pretrained model's first ten ROS
+    # episodes 80% preferred-style successes (seed 0), which would measure the knob, not RKO.
+    noise_scale: float = 1.0
     seed: int = 0
 
     @classmethod
@@ -124,6 +130,8 @@ class DemoConfig:
         if int(self.demo_attempts) < 1:
             raise ConfigError(f'demo_attempts={self.demo_attempts} must be >= 1 (1 = keep every '
                               f'demonstration, failed or not)')
+        from rko_ros.policy.runtime import check_noise_scale
+        check_noise_scale(self.noise_scale)
         if not 0.0 <= float(self.demo_noise) <= 3.0:
             raise ConfigError(f'demo_noise={self.demo_noise} must be 0..3 (1 = the default '
                               f'teleoperator noise, 0 = exact plans)')

@@ -22,7 +22,9 @@ def demo_table(summary):
         f"rko_ros demo: simulated cloth, operator prefers '{summary['preferred_style']}', "
         f"method {summary['method']}",
         f"  {summary['labelled_episodes']} labelled episodes ({summary['desirable_labels']} desirable), "
-        f"model {summary['pretrained_version']} -> {summary['aligned_version']}",
+        f"model {summary['pretrained_version']} -> {summary['aligned_version']}"
+        + (f", policy noise scale {summary['noise_scale']:g}"
+           if summary.get('noise_scale') is not None else ''),
     ]
     rounds = summary.get('rounds') or []
     if len(rounds) > 1:
@@ -91,7 +93,8 @@ def _render_frames(report_dir, cfg, version_dir, seeds, prefix):
     from rko_ros.policy.runtime import PolicyRuntime
     runtime = PolicyRuntime(version_dir)
     episodes = evaluate_policy(runtime_predictor(runtime), runtime.card, cfg.task_config(), seeds,
-                               batch=len(seeds), extra_sizes=((480, 640),))
+                               batch=len(seeds), extra_sizes=((480, 640),),
+                               noise_scale=cfg.noise_scale)
     paths = []
     for i, episode in enumerate(episodes):
         frames = episode['frames']

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import yaml
 
-from rko_ros.errors import ModelFileError, PolicyInputError
+from rko_ros.errors import ConfigError, ModelFileError, PolicyInputError
 
 # CUDA graph capture must not overlap another thread's CUDA work (a synchronous copy or an
 # allocation there invalidates the capture, or fails): a hot swap captures the new model while the
@@ -22,6 +22,26 @@ _CUDA_LOCK = threading.Lock()
 
 PREFERRED_PROVIDERS = ('TensorrtExecutionProvider', 'CUDAExecutionProvider', 'CPUExecutionProvider')
 _DTYPES = {'uint8': np.uint8, 'float32': np.float32}
+
+
+# The initial diffusion noise of a chunk is N(0, noise_scale^2). 1 samples the action distribution
+# the policy was trained on (Diffusion Policy); below 1 the deterministic DDIM sampler starts
+# nearer the middle of that distribution, and 0 gives one chunk per observation. A lower scale
+# does not only steady a chunk: it chooses the behaviour. On the simulated cloth (2026-11-28,
+# 80 new cloths) the pretrained models of seeds 0 and 1 fold left_to_right 39 / 33% of the time
+# at 1, 54 / 53% at 0.5 and 90 / 100% at 0: the denoiser run from zero noise reaches that style.
+# The seed-0 demo's aligned model: preferred-style success 85.6% at 1, 91.25% at 0.5, 93.75% at 0
+# (two noise draws), with its left_to_right folds succeeding about 92% of the time at 1 and 0.5
+# alike: the gain is the style share, not the execution. Measure before and after at one scale.
+MAX_NOISE_SCALE = 2.0
+
+
+def check_noise_scale(value):
+    value = float(value)
+    if not 0.0 <= value <= MAX_NOISE_SCALE:
+        raise ConfigError(f'noise_scale={value} must be 0..{MAX_NOISE_SCALE} (1 = sample the '
+                          f'trained distribution, 0 = deterministic chunks)')
+    return value
 
 
 def sha256_of(path):
@@ -216,8 +236,11 @@ class PolicyRuntime:
                                    f'on it: check the sensor driver')
         return np.ascontiguousarray(value)
 
-    def predict(self, images, state, noise=None, seed=None):
-        """images (To,N,3,H,W) uint8 + state (To,S) -> actions (H,A); batched inputs add a B axis."""
+    def predict(self, images, state, noise=None, seed=None, noise_scale=1.0):
+        """images (To,N,3,H,W) uint8 + state (To,S) -> actions (H,A); batched inputs add a B axis.
+
+        Without `noise`, the chunk's initial diffusion noise is drawn here (from `seed`) and scaled
+        by `noise_scale` (see `check_noise_scale`)."""
         images = np.asarray(images)
         batched = images.ndim == len(self.input_spec['images']['shape'])
         images = self._validate('images', images, batched)
@@ -232,6 +255,7 @@ class PolicyRuntime:
         if noise is None:
             rng = np.random.default_rng(seed)
             noise = rng.standard_normal((b, self.horizon, self.action_dim)).astype(np.float32)
+            noise *= np.float32(check_noise_scale(noise_scale))
             noise = noise if batched else noise[0]
         noise = self._validate('noise', noise, batched)
         feeds = {'images': images if batched else images[None],

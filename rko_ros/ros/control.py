@@ -211,8 +211,10 @@ class PolicyController:
 
     def __init__(self, runtime, camera_names, n_obs_steps, n_action_steps, horizon, rate_hz,
                  max_obs_age_s, action_limits=None, clock=time.monotonic, log=None,
-                 worker_nice=10):
+                 worker_nice=10, noise_scale=1.0):
+        from rko_ros.policy.runtime import check_noise_scale
         self.runtime = runtime
+        self.noise_scale = check_noise_scale(noise_scale)   # of each chunk's diffusion noise
         self.rate_hz = float(rate_hz)
         self.max_obs_age_s = float(max_obs_age_s)
         self.clock = clock
@@ -349,12 +351,12 @@ class PolicyController:
                 if self._closing:
                     return
                 request, self._request = self._request, None
-                runtime = self.runtime
+                runtime, noise_scale = self.runtime, self.noise_scale
                 self._busy = True
             images, state, obs_time_s, obs_tick = request
             start = time.perf_counter()
             try:
-                chunk = runtime.predict(images, state)
+                chunk = runtime.predict(images, state, noise_scale=noise_scale)
             except Exception as exc:  # noqa: BLE001 - every failure must reach the gate
                 chunk = exc
             latency_s = time.perf_counter() - start
@@ -375,6 +377,7 @@ class PolicyController:
                    model_version=getattr(self.runtime, 'version', None),
                    provider=getattr(self.runtime, 'provider', None),
                    cuda_graph=getattr(self.runtime, 'cuda_graph', False),
+                   noise_scale=self.noise_scale,
                    refused={k: v for k, v in self.gate.counts.items() if v},
                    last_refusal=self.gate.last_message)
         return out

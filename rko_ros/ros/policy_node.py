@@ -61,6 +61,11 @@ PARAMETERS = {
     'inference_threads': Param(1, 'ONNX Runtime intra-op threads (0: its default, which on a '
                                'small CPU competes with the control tick)',
                                range=(0, 64)),
+    'noise_scale': Param(1.0, 'scale of each chunk\'s initial diffusion noise: 1 samples the '
+                         'trained action distribution; below 1 chunks start nearer its middle, '
+                         'which also shifts which behaviour the policy picks (0: deterministic); '
+                         'compare models at one scale, see README',
+                         range=(0.0, 2.0)),
     'cuda_graph': Param(True, 'on the CUDA provider, run each chunk as one captured CUDA graph '
                         '(batch 1, captured at load); when ONNX Runtime cannot capture a model '
                         'the node logs why and runs it without'),
@@ -90,7 +95,7 @@ class PolicyNode(Node):
             runtime, p['camera_names'], self._card_value(runtime, 'n_obs_steps', 2),
             self._card_value(runtime, 'n_action_steps', 8),
             self._card_value(runtime, 'horizon', 16), p['control_rate_hz'], p['max_obs_age_s'],
-            action_limits=self.action_limits, log=self._log)
+            action_limits=self.action_limits, log=self._log, noise_scale=p['noise_scale'])
         self.controller.set_enabled(p['enabled'])
         if p['obs_age_from'] == 'stamp':
             self.controller.obs.age_basis = (' (age from the header stamp when set; obs_age_from: '
