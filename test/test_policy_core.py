@@ -84,6 +84,8 @@ def test_noise_scale_scales_the_drawn_noise_and_zero_makes_chunks_deterministic(
     assert np.abs(zero[0] - runtime.predict(images, state, np.zeros_like(drawn))).max() < 1e-6
     with pytest.raises(ConfigError, match='noise_scale=-0.1 must be 0..2'):
         runtime.predict(images, state, noise_scale=-0.1)
+    with pytest.raises(PolicyInputError, match='noise_scale=0.5 with noise passed in'):
+        runtime.predict(images, state, drawn, noise_scale=0.5)   # never silently ignored
 
 
 def test_runtime_works_without_torch(store_with_model):

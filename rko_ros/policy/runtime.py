@@ -240,7 +240,11 @@ class PolicyRuntime:
         """images (To,N,3,H,W) uint8 + state (To,S) -> actions (H,A); batched inputs add a B axis.
 
         Without `noise`, the chunk's initial diffusion noise is drawn here (from `seed`) and scaled
-        by `noise_scale` (see `check_noise_scale`)."""
+        by `noise_scale` (see `check_noise_scale`); noise passed in is used as given."""
+        noise_scale = check_noise_scale(noise_scale)
+        if noise is not None and noise_scale != 1.0:
+            raise PolicyInputError(f'noise_scale={noise_scale} with noise passed in: scale the '
+                                   f'noise you pass, or let predict draw it')
         images = np.asarray(images)
         batched = images.ndim == len(self.input_spec['images']['shape'])
         images = self._validate('images', images, batched)
@@ -255,7 +259,7 @@ class PolicyRuntime:
         if noise is None:
             rng = np.random.default_rng(seed)
             noise = rng.standard_normal((b, self.horizon, self.action_dim)).astype(np.float32)
-            noise *= np.float32(check_noise_scale(noise_scale))
+            noise *= np.float32(noise_scale)
             noise = noise if batched else noise[0]
         noise = self._validate('noise', noise, batched)
         feeds = {'images': images if batched else images[None],
