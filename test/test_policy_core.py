@@ -71,7 +71,6 @@ def test_onnx_runtime_matches_pytorch(store_with_model):
 
 
 def test_noise_scale_scales_the_drawn_noise_and_zero_makes_chunks_deterministic(store_with_model):
-    from rko_ros.errors import ConfigError
     store, version, _ = store_with_model
     runtime = PolicyRuntime(store.version_dir(version))
     images, state, _ = _inputs(runtime.card)
