@@ -453,12 +453,12 @@ def test_retrieval_leaves_out_a_style_no_label_shows(pretrained, monkeypatch):
     config = store.load_policy(parent).config
     rng = np.random.default_rng(0)
     # 12 demonstration episodes of 4 windows: like the desirable ones (0 deg), an unlabelled
-    # kind (60 deg), like the undesirable ones (170 deg).
+    # kind (60 deg), like the undesirable ones (180 deg).
     kinds = np.repeat(np.arange(12) % 3, 4)
     demos, _ = make_two_mode_windows(config, n=len(kinds), modes=np.zeros(len(kinds), int), seed=2)
     behaviour = ArrayWindows(demos.images, demos.state, demos.action, np.arange(len(kinds)) // 4)
     angle = {'labelled': np.where(data.label > 0, 0.0, 180.0) + rng.normal(0, 2.0, len(data.label)),
-             'behaviour': np.array([0.0, 60.0, 170.0])[kinds] + rng.normal(0, 2.0, len(kinds))}
+             'behaviour': np.array([0.0, 60.0, 180.0])[kinds] + rng.normal(0, 2.0, len(kinds))}
 
     def features(self, source, idx, center):
         a = np.radians(angle['behaviour' if source is self.behaviour else 'labelled'][idx])
@@ -480,6 +480,36 @@ def test_retrieval_leaves_out_a_style_no_label_shows(pretrained, monkeypatch):
     assert reach_on['desirable_reach'] < 1 - np.cos(np.radians(10))
     assert all(reach_on['distances'][e] > 0.4 for e in unlabelled)
     assert all(reach_on['distances'][e] <= 2 * reach_on['desirable_reach'] for e in like)
+    # The other side: demonstrations like the undesirable episodes (180 deg) and within their
+    # reach, never the unlabelled kind, give part of each batch's undesirable windows.
+    both = PreferenceTrainer(store.load_policy(parent), data,
+                             dataclasses.replace(cfg, retrieved_undesirable_share=0.5),
+                             behaviour=behaviour, progress=False)
+    bad_like = {str(e) for e in range(12) if e % 3 == 2}
+    assert set(both.retrieval['undesirable']['episodes']) == bad_like
+    assert set(both.retrieval['episodes']) == like                  # this side is unchanged
+    assert both.retrieval['undesirable']['windows'] == 16 == len(both.rejected)
+    assert set(kinds[both.rejected].tolist()) == {2}
+    assert all(both.retrieval['undesirable']['distances'][e] > 0.4 for e in like | unlabelled)
+    assert 'undesirable' not in reach_on
+    drawn = []
+    collate_batch = both._batch
+
+    def recording(indices, source=None):
+        drawn.append((np.asarray(indices).copy(), source is behaviour))
+        return collate_batch(indices, source)
+    both._batch = recording
+    loss, metrics = both.loss()
+    assert torch.isfinite(loss) and 'retrieved_anchor' in metrics
+    labelled, from_demos = drawn[0], [idx for idx, demo in drawn[1:] if demo]
+    assert not labelled[1] and len(labelled[0]) == 8 - 2     # 4 undesirable, 2 of them demos
+    assert (data.label[labelled[0]] > 0).sum() == 4 and (data.label[labelled[0]] < 0).sum() == 2
+    assert len(from_demos[0]) == 2 and set(kinds[from_demos[0]].tolist()) == {2}
+    assert set(kinds[from_demos[1]].tolist()) == {0}          # the anchor: the desirable side
+    with pytest.raises(TrainingError, match='retrieved_undesirable_share needs lambda_retrieved'):
+        FinetuneConfig(method='rko', retrieved_undesirable_share=0.5)
+    with pytest.raises(TrainingError, match=r'retrieved_undesirable_share=1.0 must be in \[0, 1\)'):
+        FinetuneConfig(method='rko', lambda_retrieved=1.0, retrieved_undesirable_share=1.0)
 
 
 @pytest.mark.parametrize('method', ['rko', 'dpo'])

@@ -180,7 +180,8 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     from rko_ros.demo.pipeline import DemoConfig
     from rko_ros.ros.commands import default_config_path
     cfg = DemoConfig(lambda_u=0.25, lambda_sft=2.0, device='cpu', guard_tolerance=None,
-                     preference_min_timestep=30, lambda_retrieved=8.0, noise_scale=0.25)
+                     preference_min_timestep=30, lambda_retrieved=8.0, noise_scale=0.25,
+                     finetune_lr=5e-4)
     path = write_demo_params(str(tmp_path / 'p.yaml'), cfg, default_config_path())
     with open(path) as f:
         trainer = yaml.safe_load(f)['/**/trainer_node']['ros__parameters']
@@ -189,7 +190,8 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     assert pairs['--lambda-u'] == '0.25' and pairs['--lambda-sft'] == '2.0'
     assert pairs['--device'] == 'cpu' and extra[-1] == '--no-guard'
     assert trainer['steps'] == 1200 and pairs['--patience'] == '0' and '--freeze-encoder' not in extra
-    assert pairs['--lambda-retrieved'] == '8.0'
+    assert pairs['--lambda-retrieved'] == '8.0' and pairs['--lr'] == '0.0005'
+    assert pairs['--retrieved-undesirable-share'] == '0.5'     # the demo's default
     assert pairs['--preference-min-timestep'] == '30'
     assert pairs['--select'] == 'last' and pairs['--ema-decay'] == '0.995'   # the demo's defaults
     with open(path) as f:   # every ROS episode samples at the demo's noise scale
@@ -203,12 +205,17 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     assert trainer['steps'] == 600 and '--freeze-encoder' in extra
     assert dict(zip(extra[:-1], extra[1:]))['--patience'] == '4' and '--lambda-retrieved' not in extra
     assert '--preference-min-timestep' not in extra
+    assert '--retrieved-undesirable-share' not in extra       # no retrieval, nothing to share
     assert dict(zip(extra[:-1], extra[1:]))['--select'] == 'margin'
     assert dict(zip(extra[:-1], extra[1:]))['--ema-decay'] == '0.0'
     # The trainer node's command line is `rko finetune`'s: these flags parse into its config.
     from rko_ros.cli import build_parser
     args = build_parser().parse_args(['finetune'] + extra)
     assert (args.select, args.ema_decay, args.patience) == ('margin', 0.0, 4)
+    assert args.lr == DemoConfig().finetune_lr
+    with open(tmp_path / 'p.yaml') as f:
+        first = yaml.safe_load(f)['/**/trainer_node']['ros__parameters']['extra_args']
+    assert build_parser().parse_args(['finetune'] + first).retrieved_undesirable_share == 0.5
     import pytest
     from rko_ros.alignment.trainer import FinetuneConfig
     from rko_ros.errors import TrainingError
@@ -229,7 +236,7 @@ def test_quick_alignment_bench_uses_quick_sizes_and_reports_failed_cells(tmp_pat
         raise AssertionError(f'{name} in the JSON line')
     bench = json.loads(result.stdout.strip().splitlines()[-1], parse_constant=no_nan)
     assert bench['labels'] == [2, 4] and bench['seeds'] == 1 and bench['eval_episodes'] == 2
-    assert bench['finetune_steps'] == 6
+    assert bench['finetune_steps'] == 6 and bench['finetune_lr'] == 1e-4   # as published
     card = ModelStore(str(out)).read_card(bench['pretrained_version'])
     assert card['metrics']['steps'] == 20 and len(card['episodes']) == 3 * 2
     assert bench['pretrained']['episodes'] == 2 and 'grasp_off_target_share' in bench['pretrained']

@@ -57,6 +57,12 @@ def register(subparsers):
                    help='... and only if its distance to the desirable episodes is at most this x '
                         'the largest distance of one desirable episode to the others (default 2; '
                         '0 = no such test: a style no label shows can then be retrieved)')
+    p.add_argument('--retrieved-undesirable-share', type=float, default=0.0,
+                   help='kto/rko with --lambda-retrieved: this share of each batch\'s undesirable '
+                        'windows comes from the demonstrations that resemble the undesirable '
+                        'episodes (the same retrieval, other side): the push away from the '
+                        'unwanted behaviour then covers more situations than the few bad '
+                        'episodes show; 0 (default) = the labelled windows only')
     p.add_argument('--preference-min-timestep', type=int, default=0,
                    help='score the method\'s own terms at diffusion timesteps >= this only (the '
                         'high-noise steps that choose which behaviour is drawn; the BC anchors '
@@ -166,6 +172,7 @@ def _finetune(args):
                          lambda_retrieved=args.lambda_retrieved, retrieval_tau=args.retrieval_tau,
                          retrieval_threshold=args.retrieval_threshold,
                          retrieval_reach=args.retrieval_reach,
+                         retrieved_undesirable_share=args.retrieved_undesirable_share,
                          preference_min_timestep=args.preference_min_timestep,
                          shift_px=args.shift_px, lambda_d=args.lambda_d, lambda_u=args.lambda_u,
                          ema_decay=args.ema_decay, freeze_encoder=args.freeze_encoder,

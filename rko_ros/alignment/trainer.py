@@ -124,6 +124,14 @@ class FinetuneConfig:
     # keeps exactly the preferred style's demonstrations every time, 1.5x dropped one of them.
     retrieval_threshold: float = 0.5
     retrieval_reach: float = 2.0
+    # [choice, not in the papers] The same retrieval on the other side: this share of each
+    # batch's undesirable windows comes from the demonstration episodes that resemble the
+    # undesirable episodes (mean score below 1 - retrieval_threshold, within retrieval_reach of
+    # them). A handful of bad episodes shows the unwanted fold from a handful of cloth placements;
+    # the demonstrations of the same fold show it from many more, so the push away from it covers
+    # the placements no label saw. Needs lambda_retrieved > 0 (the retrieval runs once for both
+    # sides); 0 = the undesirable windows are the labelled ones only.
+    retrieved_undesirable_share: float = 0.0
     # [choice, not in the papers] Preference interval: the method's own terms (DPO/RPO/KTO/RKO/
     # FKPD, not the BC anchors) are scored at diffusion timesteps >= this only. The high-noise
     # steps decide which kind of chunk is drawn (the mode: which fold); the low-noise steps place
@@ -159,6 +167,12 @@ class FinetuneConfig:
             raise TrainingError(f'retrieval_threshold={self.retrieval_threshold} must be in [0, 1)')
         if self.retrieval_reach < 0:
             raise TrainingError(f'retrieval_reach={self.retrieval_reach} must be >= 0 (0 = no reach test)')
+        if not 0.0 <= self.retrieved_undesirable_share < 1.0:
+            raise TrainingError(f'retrieved_undesirable_share={self.retrieved_undesirable_share} '
+                                f'must be in [0, 1)')
+        if self.retrieved_undesirable_share and not self.lambda_retrieved:
+            raise TrainingError('retrieved_undesirable_share needs lambda_retrieved > 0 (the '
+                                'retrieval runs for both sides at once)')
         for name in ('lambda_sft', 'lambda_behaviour', 'lambda_fkl', 'lambda_d', 'lambda_u',
                      'lambda_retrieved'):
             if getattr(self, name) < 0:
@@ -284,7 +298,8 @@ class PreferenceTrainer:
         self.augment = ShiftAugment.from_config(policy.config, train)
         self.z_center = self._embedding_center() if cfg.method in ('rko', 'rpo') and \
             cfg.center_embeddings else None
-        self.retrieved, self.retrieval = self._retrieve() if cfg.lambda_retrieved else (None, None)
+        self.retrieved, self.rejected, self.retrieval = self._retrieve() if cfg.lambda_retrieved \
+            else (None, None, None)
         self.guard_windows, self.guard_source = self._guard_windows()
         self.guard_reference = self.guard_error(self.reference) \
             if cfg.guard_tolerance is not None else None
@@ -388,7 +403,7 @@ class PreferenceTrainer:
         keys = self._retrieval_features(self.data.windows, labelled, center)
         # Class-balanced: each class's similarity mass divided by its number of windows.
         balance = torch.where(desirable > 0, 1.0 / len(self.pos), 1.0 / len(self.neg))
-        scores, nearest = [], []
+        scores, nearest, nearest_bad = [], [], []
         all_idx = np.arange(len(self.behaviour))
         for start in range(0, len(all_idx), chunk):
             q = self._retrieval_features(self.behaviour, all_idx[start:start + chunk], center)
@@ -396,13 +411,15 @@ class PreferenceTrainer:
             w = torch.softmax(sim / self.cfg.retrieval_tau, dim=1) * balance
             scores.append(((w * desirable).sum(1) / w.sum(1)).cpu())
             nearest.append((sim[:, :len(self.pos)].max(1).values / 2).cpu())
+            nearest_bad.append((sim[:, len(self.pos):].max(1).values / 2).cpu())
         scores, nearest = torch.cat(scores).numpy(), torch.cat(nearest).numpy()
         episode_index = np.asarray(self.behaviour.episode_index)
         ids = list(getattr(self.behaviour, 'episode_ids', None) or
                    [str(i) for i in range(int(episode_index.max()) + 1)])
-        episodes, inverse, means, nearness = _episode_means(episode_index, scores, nearest)
-        distance = 1.0 - nearness
-        reach = self._desirable_reach(keys[:len(self.pos)])
+        episodes, inverse, means, nearness, nearness_bad = _episode_means(
+            episode_index, scores, nearest, torch.cat(nearest_bad).numpy())
+        distance, distance_bad = 1.0 - nearness, 1.0 - nearness_bad
+        reach = self._class_reach(keys[:len(self.pos)], self.pos)
         chosen = means > self.cfg.retrieval_threshold
         if reach is not None and self.cfg.retrieval_reach:
             chosen &= distance <= self.cfg.retrieval_reach * reach
@@ -412,13 +429,25 @@ class PreferenceTrainer:
                    'desirable_reach': None if reach is None else round(float(reach), 4),
                    'scores': {ids[e]: round(float(m), 4) for e, m in zip(episodes, means)},
                    'distances': {ids[e]: round(float(d), 4) for e, d in zip(episodes, distance)}}
-        return retrieved, summary
+        rejected = None
+        if self.cfg.retrieved_undesirable_share:
+            bad_reach = self._class_reach(keys[len(self.pos):], self.neg)
+            like_bad = means < 1.0 - self.cfg.retrieval_threshold
+            if bad_reach is not None and self.cfg.retrieval_reach:
+                like_bad &= distance_bad <= self.cfg.retrieval_reach * bad_reach
+            rejected = np.flatnonzero(like_bad[inverse])
+            summary['undesirable'] = {
+                'episodes': [ids[e] for e in episodes[like_bad]], 'windows': int(len(rejected)),
+                'reach': None if bad_reach is None else round(float(bad_reach), 4),
+                'distances': {ids[e]: round(float(d), 4) for e, d in zip(episodes, distance_bad)}}
+        return retrieved, rejected, summary
 
-    def _desirable_reach(self, keys, chunk=256):
-        """The largest leave-one-episode-out distance among the desirable training episodes (1 -
-        mean over an episode's windows of the largest similarity to another desirable episode's
-        window), or None with fewer than two of them."""
-        episode_index = self.data.episode_index[self.pos]
+    def _class_reach(self, keys, members, chunk=256):
+        """The largest leave-one-episode-out distance among one label class's training episodes
+        (1 - mean over an episode's windows of the largest similarity to another of its episodes'
+        windows), or None with fewer than two of them. `members` are the class's window indices
+        (self.pos or self.neg), in the order of `keys`."""
+        episode_index = self.data.episode_index[members]
         if len(np.unique(episode_index)) < 2:
             return None
         episode = torch.as_tensor(episode_index, device=keys.device)
@@ -461,7 +490,14 @@ class PreferenceTrainer:
             return self._anchored(losses.fkpd_loss(g_w, g_l, e_behaviour, cfg.beta, cfg.lambda_fkl),
                                   e_theta[:m], winners)
         idx, q = self._balanced(n)
-        batch = self._batch(idx)
+        # The last k undesirable windows (_balanced puts them last) come from the demonstrations
+        # retrieved as like the undesirable episodes (retrieved_undesirable_share).
+        k = 0 if self.rejected is None or not len(self.rejected) else \
+            int(round(cfg.retrieved_undesirable_share * int((q < 0).sum())))
+        batch = self._batch(idx[:len(idx) - k])
+        if k:
+            demos = self._batch(self.rng.choice(self.rejected, size=k), self.behaviour)
+            batch = {key: torch.cat([v, demos[key]]) for key, v in batch.items()}
         if cfg.method == 'sft':
             t, eps = self.policy.sample_timesteps_and_noise(len(idx), device=self.device)
             return self._retrieval_anchor(*losses.sft_loss(self.policy.denoise_error(batch, t, eps, 'mean')),

@@ -71,12 +71,15 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
                 try:
                     fc = FinetuneConfig(method=method, steps=cfg.finetune_steps,
                                         batch_size=max(4, cfg.batch_size // 2), seed=cfg.seed + s,
+                                        lr=cfg.finetune_lr,
                                         lambda_sft=cfg.lambda_sft, lambda_u=cfg.lambda_u,
                                         patience=cfg.finetune_patience,
                                         select=cfg.finetune_select,
                                         ema_decay=cfg.finetune_ema_decay,
                                         freeze_encoder=cfg.freeze_encoder,
                                         lambda_retrieved=cfg.lambda_retrieved,
+                                        retrieved_undesirable_share=cfg.retrieved_undesirable_share
+                                        if cfg.lambda_retrieved and method in ('kto', 'rko') else 0.0,
                                         preference_min_timestep=cfg.preference_min_timestep,
                                         guard_tolerance=cfg.guard_tolerance)
                     version, summary = finetune(store, parent, data, fc, behaviour=behaviour,
@@ -115,10 +118,12 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
                      table['rko'][top]['preferred_success_mean'] > table[m][top]['preferred_success_mean']]
     result = {'bench': 'alignment', 'preferred_style': cfg.preferred_style, 'methods': list(methods),
               'labels': label_counts, 'seeds': seeds, 'eval_episodes': eval_episodes,
-              'finetune_steps': cfg.finetune_steps, 'lambda_sft': cfg.lambda_sft,
+              'finetune_steps': cfg.finetune_steps, 'finetune_lr': cfg.finetune_lr,
+              'lambda_sft': cfg.lambda_sft,
               'finetune_select': cfg.finetune_select, 'finetune_ema_decay': cfg.finetune_ema_decay,
               'lambda_u': cfg.lambda_u, 'freeze_encoder': cfg.freeze_encoder,
               'lambda_retrieved': cfg.lambda_retrieved,
+              'retrieved_undesirable_share': cfg.retrieved_undesirable_share,
               'preference_min_timestep': cfg.preference_min_timestep,
               'guard_tolerance': cfg.guard_tolerance, 'noise_scale': cfg.noise_scale,
               'pretrained_version': parent,

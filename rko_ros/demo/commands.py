@@ -92,6 +92,7 @@ def register_bench(bench_subparsers):
     _finetune_run_args(p)
     # The bench's defaults: the methods as published.
     p.set_defaults(lambda_retrieved=0.0, preference_min_timestep=0, finetune_select='margin',
+                   finetune_lr=1e-4, retrieved_undesirable_share=0.0,
                    finetune_ema_decay=0.0)
     p.add_argument('--quick', action='store_true',
                    help='tiny sizes for tests (the demo\'s --quick sizes, 2 and 4 labels, 1 seed, '
@@ -131,6 +132,9 @@ def _demo_noise_arg(p):
 
 
 def _finetune_run_args(p):
+    p.add_argument('--finetune-lr', type=float,
+                   help='AdamW learning rate of each fine-tuning (demo default: DemoConfig, '
+                        'see README; bench default 1e-4, `rko finetune`\'s)')
     p.add_argument('--finetune-patience', type=int,
                    help='held-out evaluations without gain before a fine-tuning run stops '
                         '(default 0 = run every step and keep the best evaluated one; '
@@ -149,6 +153,10 @@ def _finetune_run_args(p):
                    help='BC anchor on the scripted demonstrations that resemble the desirable '
                         'episodes more than the undesirable ones (see `rko finetune --help`; '
                         'demo default 32, bench default 0: the methods as published)')
+    p.add_argument('--retrieved-undesirable-share', type=float,
+                   help='kto/rko with --lambda-retrieved: share of each batch\'s undesirable '
+                        'windows taken from the demonstrations like the undesirable episodes (see '
+                        '`rko finetune --help`; demo default 0.5, bench default 0)')
     p.add_argument('--preference-min-timestep', type=int,
                    help='score the methods\' own terms at diffusion timesteps >= this only (see '
                         '`rko finetune --help`; default 0: every timestep, as published)')
@@ -182,8 +190,10 @@ def _config(args):
         'lambda_u': getattr(args, 'lambda_u', None),
         'guard_tolerance': args.guard_tolerance,
         'finetune_patience': args.finetune_patience, 'freeze_encoder': args.freeze_encoder,
+        'finetune_lr': args.finetune_lr,
         'finetune_select': args.finetune_select, 'finetune_ema_decay': args.finetune_ema_decay,
         'lambda_retrieved': args.lambda_retrieved,
+        'retrieved_undesirable_share': args.retrieved_undesirable_share,
         'preference_min_timestep': args.preference_min_timestep,
         'device': getattr(args, 'device', None)}.items() if v is not None}
     if 'device' in overrides:

@@ -32,7 +32,8 @@ def write_demo_params(path, cfg, base_config):
     trainer = params.setdefault('/**/trainer_node', {}).setdefault('ros__parameters', {})
     trainer.update({'method': cfg.method, 'steps': int(cfg.finetune_steps), 'auto_reload': True,
                     'extra_args': ['--batch-size', str(cfg.batch_size // 2),
-                                   '--seed', str(cfg.seed), '--lambda-sft', repr(cfg.lambda_sft),
+                                   '--seed', str(cfg.seed), '--lr', repr(cfg.finetune_lr),
+                                   '--lambda-sft', repr(cfg.lambda_sft),
                                    '--lambda-u', repr(cfg.lambda_u),
                                    '--patience', str(cfg.finetune_patience),
                                    '--select', cfg.finetune_select,
@@ -40,6 +41,8 @@ def write_demo_params(path, cfg, base_config):
                                    '--device', cfg.device] +
                    (['--freeze-encoder'] if cfg.freeze_encoder else []) +
                    (['--lambda-retrieved', repr(cfg.lambda_retrieved)] if cfg.lambda_retrieved else []) +
+                   (['--retrieved-undesirable-share', repr(cfg.retrieved_undesirable_share)]
+                    if cfg.lambda_retrieved and cfg.retrieved_undesirable_share else []) +
                    (['--preference-min-timestep', str(cfg.preference_min_timestep)]
                     if cfg.preference_min_timestep else []) +
                    (['--no-guard'] if cfg.guard_tolerance is None else
