@@ -506,6 +506,8 @@ def test_retrieval_leaves_out_a_style_no_label_shows(pretrained, monkeypatch):
     assert (data.label[labelled[0]] > 0).sum() == 4 and (data.label[labelled[0]] < 0).sum() == 2
     assert len(from_demos[0]) == 2 and set(kinds[from_demos[0]].tolist()) == {2}
     assert set(kinds[from_demos[1]].tolist()) == {0}          # the anchor: the desirable side
+    with pytest.raises(TrainingError, match='retrieved_undesirable_share is for kto/rko'):
+        FinetuneConfig(method='dpo', lambda_retrieved=1.0, retrieved_undesirable_share=0.5)
     with pytest.raises(TrainingError, match='retrieved_undesirable_share needs lambda_retrieved'):
         FinetuneConfig(method='rko', retrieved_undesirable_share=0.5)
     with pytest.raises(TrainingError, match=r'retrieved_undesirable_share=1.0 must be in \[0, 1\)'):

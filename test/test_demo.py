@@ -206,6 +206,10 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     assert dict(zip(extra[:-1], extra[1:]))['--patience'] == '4' and '--lambda-retrieved' not in extra
     assert '--preference-min-timestep' not in extra
     assert '--retrieved-undesirable-share' not in extra       # no retrieval, nothing to share
+    sft = write_demo_params(str(tmp_path / 's.yaml'), DemoConfig(method='sft'), default_config_path())
+    with open(sft) as f:      # sft has no undesirable windows to take from demonstrations
+        sft_extra = yaml.safe_load(f)['/**/trainer_node']['ros__parameters']['extra_args']
+    assert '--lambda-retrieved' in sft_extra and '--retrieved-undesirable-share' not in sft_extra
     assert dict(zip(extra[:-1], extra[1:]))['--select'] == 'margin'
     assert dict(zip(extra[:-1], extra[1:]))['--ema-decay'] == '0.0'
     # The trainer node's command line is `rko finetune`'s: these flags parse into its config.

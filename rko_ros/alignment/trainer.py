@@ -170,6 +170,9 @@ class FinetuneConfig:
         if not 0.0 <= self.retrieved_undesirable_share < 1.0:
             raise TrainingError(f'retrieved_undesirable_share={self.retrieved_undesirable_share} '
                                 f'must be in [0, 1)')
+        if self.retrieved_undesirable_share and self.method not in ('kto', 'rko'):
+            raise TrainingError(f'retrieved_undesirable_share is for kto/rko (their undesirable '
+                                f'windows); {self.method} has none')
         if self.retrieved_undesirable_share and not self.lambda_retrieved:
             raise TrainingError('retrieved_undesirable_share needs lambda_retrieved > 0 (the '
                                 'retrieval runs for both sides at once)')
