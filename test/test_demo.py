@@ -225,6 +225,21 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     from rko_ros.errors import TrainingError
     with pytest.raises(TrainingError, match='lambda_u=-1'):
         FinetuneConfig(lambda_u=-1.0)
+    # DemoConfig checks the fine-tuning options as FinetuneConfig does, under its own names; its
+    # share goes to kto/rko runs with the retrieval anchor only (sft and dpo get 0, not an error).
+    from rko_ros.errors import ConfigError
+    for bad, match in ((dict(finetune_lr=2.0), r'finetune_lr=2.0 must be in \(0, 1\]'),
+                       (dict(finetune_select='best'), "finetune_select 'best' must be"),
+                       (dict(finetune_ema_decay=1.0), r'finetune_ema_decay=1.0 must be in \[0, 1\)'),
+                       (dict(retrieved_undesirable_share=1.0), 'retrieved_undesirable_share=1.0'),
+                       (dict(method='ppo'), "method 'ppo' is unknown")):
+        with pytest.raises(ConfigError, match=match):
+            DemoConfig(**bad)
+    assert [DemoConfig(method=m).finetune_undesirable_share(m) for m in ('rko', 'kto', 'sft', 'dpo')] \
+        == [0.5, 0.5, 0.0, 0.0]
+    assert DemoConfig(lambda_retrieved=0.0).finetune_undesirable_share('rko') == 0.0
+    with pytest.raises(TrainingError, match=r'lr=2.0 must be in \(0, 1\]'):
+        FinetuneConfig(lr=2.0)
 
 
 def test_quick_alignment_bench_uses_quick_sizes_and_reports_failed_cells(tmp_path):

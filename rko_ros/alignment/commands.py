@@ -2,9 +2,8 @@
 import json
 import os
 
+from rko_ros.alignment.methods import METHODS
 from rko_ros.errors import RkoError
-
-METHODS = ('rko', 'kto', 'rpo', 'dpo', 'fkpd', 'sft')
 
 
 def register(subparsers):

@@ -11,7 +11,6 @@ Imports torch only.
 import torch
 import torch.nn.functional as F
 
-METHODS = ('sft', 'dpo', 'rpo', 'kto', 'rko', 'fkpd')
 # The papers' beta for each method (DESIGN.md section 6 table); kto's also serves rko.
 DEFAULT_BETA = {'sft': 0.0, 'dpo': 10.0, 'rpo': 20.0, 'kto': 12.0, 'rko': 12.0, 'fkpd': 10.0}
 

@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from rko_ros.alignment import losses
+from rko_ros.alignment.methods import PAIR_METHODS, check_finetune_options
 from rko_ros.alignment.weights import rko_weights, similarity_matrix
 from rko_ros.errors import GuardRejected, TrainingError
 from rko_ros.policy.train import ShiftAugment, collate, ema_update
 
-PAIR_METHODS = ('dpo', 'rpo', 'fkpd')
 
 
 def _episode_means(episode_index, *values):
@@ -149,33 +149,21 @@ class FinetuneConfig:
     num_threads: int = 0
 
     def __post_init__(self):
-        if self.method not in losses.METHODS:
-            raise TrainingError(f"method '{self.method}' is unknown; choose one of {losses.METHODS}")
+        check_finetune_options(TrainingError, method=self.method, lr=self.lr, select=self.select,
+                               ema_decay=self.ema_decay, lambda_retrieved=self.lambda_retrieved,
+                               retrieved_undesirable_share=self.retrieved_undesirable_share)
         if self.beta is None:
             self.beta = losses.DEFAULT_BETA[self.method]
         if self.reduction not in ('sum', 'mean'):
             raise TrainingError(f"reduction '{self.reduction}' must be 'sum' or 'mean'")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise TrainingError(f'ema_decay={self.ema_decay} must be in [0, 1) (0 = off)')
         if self.patience < 0:
             raise TrainingError(f'patience={self.patience} must be >= 0 (0 = no early stopping)')
-        if self.select not in ('margin', 'last'):
-            raise TrainingError(f"select '{self.select}' must be 'margin' or 'last'")
         if self.retrieval_tau <= 0:
             raise TrainingError(f'retrieval_tau={self.retrieval_tau} must be > 0')
         if not 0.0 <= self.retrieval_threshold < 1.0:
             raise TrainingError(f'retrieval_threshold={self.retrieval_threshold} must be in [0, 1)')
         if self.retrieval_reach < 0:
             raise TrainingError(f'retrieval_reach={self.retrieval_reach} must be >= 0 (0 = no reach test)')
-        if not 0.0 <= self.retrieved_undesirable_share < 1.0:
-            raise TrainingError(f'retrieved_undesirable_share={self.retrieved_undesirable_share} '
-                                f'must be in [0, 1)')
-        if self.retrieved_undesirable_share and self.method not in ('kto', 'rko'):
-            raise TrainingError(f'retrieved_undesirable_share is for kto/rko (their undesirable '
-                                f'windows); {self.method} has none')
-        if self.retrieved_undesirable_share and not self.lambda_retrieved:
-            raise TrainingError('retrieved_undesirable_share needs lambda_retrieved > 0 (the '
-                                'retrieval runs for both sides at once)')
         for name in ('lambda_sft', 'lambda_behaviour', 'lambda_fkl', 'lambda_d', 'lambda_u',
                      'lambda_retrieved'):
             if getattr(self, name) < 0:

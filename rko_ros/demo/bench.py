@@ -78,8 +78,7 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
                                         ema_decay=cfg.finetune_ema_decay,
                                         freeze_encoder=cfg.freeze_encoder,
                                         lambda_retrieved=cfg.lambda_retrieved,
-                                        retrieved_undesirable_share=cfg.retrieved_undesirable_share
-                                        if cfg.lambda_retrieved and method in ('kto', 'rko') else 0.0,
+                                        retrieved_undesirable_share=cfg.finetune_undesirable_share(method),
                                         preference_min_timestep=cfg.preference_min_timestep,
                                         guard_tolerance=cfg.guard_tolerance)
                     version, summary = finetune(store, parent, data, fc, behaviour=behaviour,

@@ -5,6 +5,7 @@ import sys
 import time
 from types import SimpleNamespace
 
+from rko_ros.alignment.methods import METHODS
 from rko_ros.errors import GuardRejected, RkoError
 
 
@@ -22,9 +23,9 @@ def register(subparsers):
     p.add_argument('--quick', action='store_true', help='tiny sizes for tests (about a minute)')
     p.add_argument('--preferred-style', default='left_to_right',
                    help='the fold style the simulated operator wants (default left_to_right)')
-    p.add_argument('--method', default='rko', choices=['rko', 'kto', 'rpo', 'dpo', 'fkpd', 'sft'])
+    p.add_argument('--method', default='rko', choices=METHODS)
     p.add_argument('--demos-per-style', type=int, help='scripted demonstrations per style')
-    _demo_noise_arg(p)
+    _sim_episode_args(p)
     p.add_argument('--shift-px', type=int,
                    help='pretraining moves each window\'s image by up to this many pixels and the '
                         'gripper positions with it (train.shift_px; default 0 = off)')
@@ -68,7 +69,7 @@ def register_bench(bench_subparsers):
     p.add_argument('--out', default='bench_alignment_out',
                    help='data + plot folder; a pretrained model already there is reused (default %(default)s)')
     p.add_argument('--methods', nargs='+', default=['sft', 'dpo', 'kto', 'rko'],
-                   choices=['sft', 'dpo', 'rpo', 'kto', 'rko', 'fkpd'])
+                   choices=METHODS)
     p.add_argument('--labels', nargs='+', type=int,
                    help='numbers of labelled episodes to sweep (default 10 20; --quick 2 4)')
     p.add_argument('--seeds', type=int, help='fine-tuning seeds per setting (default 2; --quick 1)')
@@ -81,7 +82,7 @@ def register_bench(bench_subparsers):
     p.add_argument('--pretrain-steps', type=int, help='BC steps (default 6000; --quick 20)')
     p.add_argument('--demos-per-style', type=int,
                    help='scripted demonstrations per style (default 20; --quick 2)')
-    _demo_noise_arg(p)
+    _sim_episode_args(p)
     p.add_argument('--preferred-style', default='left_to_right',
                    help='the simulated operator\'s style (default %(default)s)')
     p.add_argument('--lambda-u', type=float, default=1.0,
@@ -115,7 +116,8 @@ def _device_arg(p):
                         'about 90%% of its folds (README)')
 
 
-def _demo_noise_arg(p):
+def _sim_episode_args(p):
+    """How the simulated episodes are made: the demonstrator's noise and retries, the policy's."""
     p.add_argument('--demo-noise', type=float,
                    help='scale of the scripted demonstrator\'s teleoperator noise (grasp and '
                         'release points, speeds, pauses, wobble); default 0.5: a careful operator, '

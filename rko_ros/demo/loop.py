@@ -41,9 +41,8 @@ def write_demo_params(path, cfg, base_config):
                                    '--device', cfg.device] +
                    (['--freeze-encoder'] if cfg.freeze_encoder else []) +
                    (['--lambda-retrieved', repr(cfg.lambda_retrieved)] if cfg.lambda_retrieved else []) +
-                   (['--retrieved-undesirable-share', repr(cfg.retrieved_undesirable_share)]
-                    if cfg.lambda_retrieved and cfg.retrieved_undesirable_share
-                    and cfg.method in ('kto', 'rko') else []) +
+                   (['--retrieved-undesirable-share', repr(cfg.finetune_undesirable_share(cfg.method))]
+                    if cfg.finetune_undesirable_share(cfg.method) else []) +
                    (['--preference-min-timestep', str(cfg.preference_min_timestep)]
                     if cfg.preference_min_timestep else []) +
                    (['--no-guard'] if cfg.guard_tolerance is None else

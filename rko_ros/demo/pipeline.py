@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 
+from rko_ros.alignment.methods import check_finetune_options, undesirable_share
 from rko_ros.errors import ConfigError
 from rko_ros.sim.styles import DEFAULT_STYLES
 from rko_ros.sim.task import ACTION_NAMES, JOINT_NAMES, TaskConfig
@@ -139,15 +140,14 @@ class DemoConfig:
                               f'({self.label_episodes}): every round labels at least one episode')
         if int(self.round_min_desirable) < 0:
             raise ConfigError(f'round_min_desirable={self.round_min_desirable} must be >= 0')
-        if self.finetune_select not in ('margin', 'last'):
-            raise ConfigError(f"finetune_select '{self.finetune_select}' must be 'margin' or 'last'")
-        if not 0.0 <= float(self.finetune_ema_decay) < 1.0:
-            raise ConfigError(f'finetune_ema_decay={self.finetune_ema_decay} must be in [0, 1)')
-        if not 0.0 < float(self.finetune_lr) <= 0.1:
-            raise ConfigError(f'finetune_lr={self.finetune_lr} must be in (0, 0.1]')
-        if not 0.0 <= float(self.retrieved_undesirable_share) < 1.0:
-            raise ConfigError(f'retrieved_undesirable_share={self.retrieved_undesirable_share} '
-                              f'must be in [0, 1)')
+        # The fine-tuning options as FinetuneConfig checks them; the share applies to kto/rko
+        # with the retrieval anchor and is left out of the other methods' runs.
+        check_finetune_options(
+            ConfigError, {'lr': 'finetune_lr', 'select': 'finetune_select',
+                          'ema_decay': 'finetune_ema_decay'},
+            method=self.method, lr=self.finetune_lr, select=self.finetune_select,
+            ema_decay=self.finetune_ema_decay, lambda_retrieved=self.lambda_retrieved,
+            retrieved_undesirable_share=self.retrieved_undesirable_share, share_where_it_applies=True)
         if int(self.demo_attempts) < 1:
             raise ConfigError(f'demo_attempts={self.demo_attempts} must be >= 1 (1 = keep every '
                               f'demonstration, failed or not)')
@@ -156,6 +156,11 @@ class DemoConfig:
         if not 0.0 <= float(self.demo_noise) <= 3.0:
             raise ConfigError(f'demo_noise={self.demo_noise} must be 0..3 (1 = the default '
                               f'teleoperator noise, 0 = exact plans)')
+
+    def finetune_undesirable_share(self, method):
+        """retrieved_undesirable_share for a fine-tuning with `method`: kto/rko with the retrieval
+        anchor on take it, the others have no undesirable windows of their own (0)."""
+        return undesirable_share(method, self.lambda_retrieved, self.retrieved_undesirable_share)
 
     def task_config(self):
         return TaskConfig(image_size_px=tuple(self.image_size_px))

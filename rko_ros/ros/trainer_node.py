@@ -24,9 +24,9 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from std_srvs.srv import Trigger
 
+from rko_ros.alignment.methods import METHODS
 from rko_ros.ros.params import Param, declare_all, default_data_dir, guarded_service, run_node
 
-METHODS = ('rko', 'kto', 'rpo', 'dpo', 'fkpd', 'sft')
 _TQDM_RE = re.compile(r'(\d+)/(\d+)')
 
 PARAMETERS = {
