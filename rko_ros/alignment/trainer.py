@@ -34,7 +34,6 @@ from rko_ros.errors import GuardRejected, TrainingError
 from rko_ros.policy.train import ShiftAugment, collate, ema_update
 
 
-
 def _episode_means(episode_index, *values):
     """(episodes, inverse, one per-episode mean array per values array) over window arrays."""
     episodes, inverse = np.unique(np.asarray(episode_index), return_inverse=True)
@@ -164,8 +163,7 @@ class FinetuneConfig:
             raise TrainingError(f'retrieval_threshold={self.retrieval_threshold} must be in [0, 1)')
         if self.retrieval_reach < 0:
             raise TrainingError(f'retrieval_reach={self.retrieval_reach} must be >= 0 (0 = no reach test)')
-        for name in ('lambda_sft', 'lambda_behaviour', 'lambda_fkl', 'lambda_d', 'lambda_u',
-                     'lambda_retrieved'):
+        for name in ('lambda_sft', 'lambda_behaviour', 'lambda_fkl', 'lambda_d', 'lambda_u'):
             if getattr(self, name) < 0:
                 raise TrainingError(f'{name}={getattr(self, name)} must be >= 0')
         if self.guard_windows not in ('desirable', 'behaviour'):
