@@ -228,7 +228,7 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     # DemoConfig checks the fine-tuning options as FinetuneConfig does, under its own names; its
     # share goes to kto/rko runs with the retrieval anchor only (sft and dpo get 0, not an error).
     from rko_ros.errors import ConfigError
-    for bad, match in ((dict(finetune_lr=2.0), r'finetune_lr=2.0 must be in \(0, 1\]'),
+    for bad, match in ((dict(finetune_lr=0.5), r'finetune_lr=0.5 must be in \(0, 0.1\]'),
                        (dict(finetune_select='best'), "finetune_select 'best' must be"),
                        (dict(finetune_ema_decay=1.0), r'finetune_ema_decay=1.0 must be in \[0, 1\)'),
                        (dict(retrieved_undesirable_share=1.0), 'retrieved_undesirable_share=1.0'),
@@ -238,7 +238,7 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     assert [DemoConfig(method=m).finetune_undesirable_share(m) for m in ('rko', 'kto', 'sft', 'dpo')] \
         == [0.5, 0.5, 0.0, 0.0]
     assert DemoConfig(lambda_retrieved=0.0).finetune_undesirable_share('rko') == 0.0
-    with pytest.raises(TrainingError, match=r'lr=2.0 must be in \(0, 1\]'):
+    with pytest.raises(TrainingError, match=r'lr=2.0 must be in \(0, 1.0\]'):
         FinetuneConfig(lr=2.0)
 
 

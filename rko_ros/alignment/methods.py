@@ -22,9 +22,12 @@ def undesirable_share(method, lambda_retrieved, share):
 
 
 def check_finetune_options(error=ConfigError, names=None, *, method, lr, select, ema_decay,
-                           lambda_retrieved, retrieved_undesirable_share, share_where_it_applies=False):
+                           lambda_retrieved, retrieved_undesirable_share, share_where_it_applies=False,
+                           max_lr=1.0):
     """Raise `error` naming the first invalid option and its fix. `names` maps an option to the
-    caller's name for it (DemoConfig's `finetune_lr` is FinetuneConfig's `lr`).
+    caller's name for it (DemoConfig's `finetune_lr` is FinetuneConfig's `lr`). `max_lr`: the
+    largest learning rate the caller accepts (FinetuneConfig 1, so a test can break a model on
+    purpose; the demo 0.1).
 
     `share_where_it_applies`: a retrieved-undesirable share that `method` or a zero
     lambda_retrieved cannot use is allowed (the demo applies it where it can, see
@@ -33,8 +36,8 @@ def check_finetune_options(error=ConfigError, names=None, *, method, lr, select,
                                                 'lambda_retrieved', 'retrieved_undesirable_share')}
     if method not in METHODS:
         raise error(f"{n['method']} '{method}' is unknown; choose one of {METHODS}")
-    if not 0.0 < float(lr) <= 1.0:
-        raise error(f'{n["lr"]}={lr} must be in (0, 1]')
+    if not 0.0 < float(lr) <= max_lr:
+        raise error(f'{n["lr"]}={lr} must be in (0, {max_lr}]')
     if select not in SELECT_CHOICES:
         raise error(f"{n['select']} '{select}' must be 'margin' or 'last'")
     if not 0.0 <= float(ema_decay) < 1.0:

@@ -30,6 +30,7 @@ def write_demo_params(path, cfg, base_config):
     policy = params.setdefault('/**/policy_node', {}).setdefault('ros__parameters', {})
     policy.update({'enabled': False, 'noise_scale': float(cfg.noise_scale)})
     trainer = params.setdefault('/**/trainer_node', {}).setdefault('ros__parameters', {})
+    share = cfg.finetune_undesirable_share(cfg.method)
     trainer.update({'method': cfg.method, 'steps': int(cfg.finetune_steps), 'auto_reload': True,
                     'extra_args': ['--batch-size', str(cfg.batch_size // 2),
                                    '--seed', str(cfg.seed), '--lr', repr(cfg.finetune_lr),
@@ -41,8 +42,7 @@ def write_demo_params(path, cfg, base_config):
                                    '--device', cfg.device] +
                    (['--freeze-encoder'] if cfg.freeze_encoder else []) +
                    (['--lambda-retrieved', repr(cfg.lambda_retrieved)] if cfg.lambda_retrieved else []) +
-                   (['--retrieved-undesirable-share', repr(cfg.finetune_undesirable_share(cfg.method))]
-                    if cfg.finetune_undesirable_share(cfg.method) else []) +
+                   (['--retrieved-undesirable-share', repr(share)] if share else []) +
                    (['--preference-min-timestep', str(cfg.preference_min_timestep)]
                     if cfg.preference_min_timestep else []) +
                    (['--no-guard'] if cfg.guard_tolerance is None else

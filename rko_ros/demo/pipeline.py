@@ -147,7 +147,8 @@ class DemoConfig:
                           'ema_decay': 'finetune_ema_decay'},
             method=self.method, lr=self.finetune_lr, select=self.finetune_select,
             ema_decay=self.finetune_ema_decay, lambda_retrieved=self.lambda_retrieved,
-            retrieved_undesirable_share=self.retrieved_undesirable_share, share_where_it_applies=True)
+            retrieved_undesirable_share=self.retrieved_undesirable_share, share_where_it_applies=True,
+            max_lr=0.1)
         if int(self.demo_attempts) < 1:
             raise ConfigError(f'demo_attempts={self.demo_attempts} must be >= 1 (1 = keep every '
                               f'demonstration, failed or not)')
