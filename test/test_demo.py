@@ -172,6 +172,10 @@ def test_demo_noise_scales_the_demonstrators_scatter(tmp_path):
     assert DemoConfig().demo_attempts == 3
     with pytest.raises(ConfigError, match='demo_attempts=0 must be >= 1'):
         DemoConfig(demo_attempts=0)
+    assert DemoConfig().pretrain_precision == 'fp32'
+    with pytest.raises(ConfigError, match="pretrain_precision='half' must be one of fp32"):
+        DemoConfig(pretrain_precision='half')
+    assert DemoConfig(pretrain_precision='auto').policy_config().train.precision == 'auto'
 
 
 def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):

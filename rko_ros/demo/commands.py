@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 from rko_ros.alignment.methods import METHODS
 from rko_ros.errors import GuardRejected, RkoError
+from rko_ros.policy.config import PRECISIONS
 
 
 def register(subparsers):
@@ -114,6 +115,10 @@ def _device_arg(p):
                    help="torch device of pretraining and fine-tuning, e.g. 'cuda' (default cpu). "
                         'On a GPU, --pretrain-steps 12000 trains the base policy that completes '
                         'about 90%% of its folds (README)')
+    p.add_argument('--precision', choices=PRECISIONS,
+                   help='arithmetic of pretraining: fp32 (default), bf16 autocast (weights stay '
+                        'float32), or auto = bf16 on a CPU with native bfloat16 (AVX512-BF16 or '
+                        'AMX), fp32 elsewhere; `rko bench train` says whether it pays here')
 
 
 def _sim_episode_args(p):
@@ -181,6 +186,7 @@ def _config(args):
         'method': getattr(args, 'method', 'rko'), 'seed': getattr(args, 'seed', 0),
         'demos_per_style': args.demos_per_style, 'pretrain_steps': args.pretrain_steps,
         'demo_noise': args.demo_noise, 'demo_attempts': args.demo_attempts,
+        'pretrain_precision': getattr(args, 'precision', None),
         'noise_scale': args.noise_scale,
         'shift_px': getattr(args, 'shift_px', None),
         'label_episodes': getattr(args, 'label_episodes', None),
@@ -234,7 +240,9 @@ def _pretrained(cfg, progress=True):
     if redone or left_out:
         print(f'  {redone} failed demonstrations redone on their cloth, {left_out} left out '
               f'(--demo-attempts {cfg.demo_attempts})', file=sys.stderr, flush=True)
-    _stage(f'2/5 pretraining the small diffusion policy ({cfg.pretrain_steps} steps)')
+    from rko_ros.policy.train import resolve_precision
+    precision = resolve_precision(cfg.pretrain_precision, cfg.device)
+    _stage(f'2/5 pretraining the small diffusion policy ({cfg.pretrain_steps} steps, {precision})')
     version, metrics = pipeline.pretrain(cfg, ids, progress=progress)
     metrics.update(demonstration_success=demo_success, demonstrations_redone=redone,
                    demonstrations_left_out=left_out)

@@ -118,6 +118,13 @@ class DemoConfig:
     # Pretraining moves each window's camera image by up to this many pixels and the gripper's
     # positions with it (PolicyConfig train.shift_joints): the same fold at another placement.
     shift_px: int = 0
+    # Arithmetic of pretraining (PolicyConfig train.precision; 'auto' = bf16 autocast on a CPU
+    # with native bfloat16, AVX512-BF16 / AMX). fp32: on the 2-core AMX development CPU bf16 did
+    # not pay (2026-11-28 evening: `rko bench train` 160-166 ms per step against 137-162 in
+    # fp32, 6000 demo steps 922 s against 951 s; an earlier 93 against 112-143 ms did not repeat)
+    # and trained bases of the same execution (offline any-style, seed 0 86.25 / 87.5%, seed 1
+    # 91.25 / 90%; fp32 bases 85-88%).
+    pretrain_precision: str = 'fp32'
     # The policy node's noise_scale in every ROS episode (labelled and evaluated alike, so before
     # and after are measured the same way) and in the report's offline frames. 1, as Diffusion
     # Policy samples: below 1 this task's policies drift to left_to_right, the preferred style,
@@ -154,6 +161,10 @@ class DemoConfig:
                               f'demonstration, failed or not)')
         from rko_ros.policy.runtime import check_noise_scale
         check_noise_scale(self.noise_scale)
+        from rko_ros.policy.config import PRECISIONS
+        if self.pretrain_precision not in PRECISIONS:
+            raise ConfigError(f"pretrain_precision='{self.pretrain_precision}' must be one of "
+                              f"{', '.join(PRECISIONS)}")
         if not 0.0 <= float(self.demo_noise) <= 3.0:
             raise ConfigError(f'demo_noise={self.demo_noise} must be 0..3 (1 = the default '
                               f'teleoperator noise, 0 = exact plans)')
@@ -178,6 +189,7 @@ class DemoConfig:
             train={'steps': self.pretrain_steps, 'batch_size': self.batch_size,
                    'lr': self.pretrain_lr, 'warmup_steps': min(50, self.pretrain_steps // 4 + 1),
                    'seed': self.seed, 'shift_px': self.shift_px,
+                   'precision': self.pretrain_precision,
                    'shift_joints': self.shift_joints() if self.shift_px else {}})
 
     def shift_joints(self):

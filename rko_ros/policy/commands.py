@@ -4,6 +4,7 @@ import os
 import sys
 
 from rko_ros.errors import RkoError
+from rko_ros.policy.config import PRECISIONS
 
 
 def _default_data_dir():
@@ -36,6 +37,11 @@ def register(subparsers):
                    help='on a CUDA device, run every step eagerly instead of replaying one '
                         'captured CUDA graph per step (6.6x slower for the demo policy on an H100; '
                         'for debugging)')
+    p.add_argument('--precision', choices=PRECISIONS,
+                   help='arithmetic of the forward pass (default from the config, fp32): bf16 '
+                        'autocast (weights, optimizer and written model stay float32; faster on a '
+                        'CPU with AMX, see `rko bench train`), or auto = bf16 on a CPU with native bfloat16 '
+                        '(AVX512-BF16 or AMX), fp32 elsewhere')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     p.add_argument('--json', action='store_true', help='print one JSON line with the result')
     p.set_defaults(func=_train)
@@ -71,8 +77,9 @@ def register_bench(bench_subparsers):
         description='Times behaviour-cloning steps on synthetic windows of the preset\'s sizes '
                     '(`cloth`: the demo\'s policy, 48x48 images, batch 64): eager PyTorch, and on a '
                     'CUDA device the same step captured once in a CUDA graph and replayed (what '
-                    '`rko train --device cuda` uses). Median ms per step after the first 20, and '
-                    'the loss each reaches.')
+                    '`rko train --device cuda` uses); each again under bf16 autocast where the '
+                    'device has native bfloat16 (train.precision). Median ms per step after the '
+                    'first 20, and the loss each reaches.')
     p.add_argument('--preset', default='cloth', choices=['small', 'default', 'cloth'])
     p.add_argument('--steps', type=int, default=200, help='steps per mode (default 200)')
     p.add_argument('--device', default='cpu', help="torch device (e.g. 'cuda')")
@@ -84,10 +91,13 @@ def _train(args):
     import numpy as np
     from rko_ros.policy.config import PolicyConfig
     from rko_ros.policy.model import DiffusionPolicy
-    from rko_ros.policy.train import check_device, train_bc
+    from rko_ros.policy.train import check_device, resolve_precision, train_bc
 
     device = check_device(args.device)   # before loading any bag
     cfg = PolicyConfig.from_yaml(args.config) if args.config else PolicyConfig.preset(args.preset)
+    if args.precision:
+        cfg.train.precision = args.precision
+    resolve_precision(cfg.train.precision, device)   # bf16 where there is none: said now
     if args.steps:
         cfg.train.steps = args.steps
     if args.batch_size:
@@ -254,6 +264,7 @@ def _torch_graphed_sample(policy, images, state, noise):
 
 
 def bench_train(preset='cloth', steps=200, device='cpu'):
+    import itertools
     import statistics
     import time
 
@@ -261,7 +272,7 @@ def bench_train(preset='cloth', steps=200, device='cpu'):
     from rko_ros.policy.config import PolicyConfig
     from rko_ros.policy.model import DiffusionPolicy
     from rko_ros.policy.synthetic import make_two_mode_windows
-    from rko_ros.policy.train import check_device, train_bc
+    from rko_ros.policy.train import bf16_native, check_device, train_bc
 
     device = check_device(device)
     if steps < 30:
@@ -276,11 +287,13 @@ def bench_train(preset='cloth', steps=200, device='cpu'):
     result = {'bench': 'train', 'preset': preset, 'device': device, 'steps': steps,
               'batch_size': cfg.train.batch_size,
               'image_size_px': list(cfg.obs.image_size_px)}
-    modes = [False] + ([True] if torch.device(device).type == 'cuda' else [])
-    for graphed in modes:
-        name = 'cuda_graph' if graphed else 'eager'
+    graph_modes = [False] + ([True] if torch.device(device).type == 'cuda' else [])
+    precisions = ['fp32'] + (['bf16'] if bf16_native(device) else [])
+    for graphed, precision in itertools.product(graph_modes, precisions):
+        name = ('cuda_graph' if graphed else 'eager') + ('_bf16' if precision == 'bf16' else '')
         stamps = []
         torch.manual_seed(0)
+        cfg.train.precision = precision
         policy = DiffusionPolicy(cfg)
         _, metrics = train_bc(policy, windows, progress=False, device=device, cuda_graph=graphed,
                               on_step=lambda step, loss: stamps.append(time.perf_counter()))
@@ -291,6 +304,9 @@ def bench_train(preset='cloth', steps=200, device='cpu'):
         result['params'] = policy.num_parameters()
     if 'cuda_graph_ms_per_step' in result:
         result['speedup'] = round(result['eager_ms_per_step'] / result['cuda_graph_ms_per_step'], 2)
+    if 'eager_bf16_ms_per_step' in result:
+        result['bf16_speedup'] = round(result['eager_ms_per_step']
+                                       / result['eager_bf16_ms_per_step'], 2)
     return result
 
 

@@ -13,6 +13,9 @@ import yaml
 from rko_ros.errors import ConfigError
 
 
+PRECISIONS = ('fp32', 'bf16', 'auto')   # TrainConfig.precision
+
+
 def _check(condition, message):
     if not condition:
         raise ConfigError(message)
@@ -135,9 +138,16 @@ class TrainConfig:
     # then the same scene moved on the table (exact for the sim's orthographic camera): a new
     # placement of the object for every window. Empty: only the image moves.
     shift_joints: dict = dataclasses.field(default_factory=dict)
+    # Arithmetic of the BC forward pass: 'fp32'; 'bf16' (torch.autocast to bfloat16; the weights,
+    # the optimizer and the EMA copy stay float32, so the model written is the same kind); 'auto'
+    # = bf16 on a CPU that multiplies bfloat16 natively (AVX512-BF16 or AMX), fp32 elsewhere.
+    # Fine-tuning stays fp32: its losses are differences of two models' denoising errors.
+    precision: str = 'fp32'
 
     def __post_init__(self):
         _check(self.steps >= 1, f'train.steps={self.steps} must be >= 1')
+        _check(self.precision in PRECISIONS,
+               f"train.precision='{self.precision}' must be one of {', '.join(PRECISIONS)}")
         _check(0 <= int(self.shift_px) <= 32, f'train.shift_px={self.shift_px} must be 0..32')
         self.shift_px = int(self.shift_px)
         joints = {}

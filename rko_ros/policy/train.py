@@ -134,6 +134,45 @@ def ema_update(ema, model, decay):
         b_ema.copy_(b)
 
 
+def bf16_native(device):
+    """Whether `device` multiplies bfloat16 natively: a CUDA GPU with bf16 (Ampere or newer), or
+    a CPU with AVX512-BF16 or AMX that oneDNN uses. Elsewhere autocast emulates bf16 slowly."""
+    dev = torch.device(device)
+    if dev.type == 'cuda':
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if dev.type != 'cpu':
+        return False
+    try:
+        if not (torch.backends.mkldnn.is_available()
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return False
+    except (AttributeError, RuntimeError):
+        return False
+    try:  # oneDNN also "supports" bf16 on plain AVX512 by converting; only these flags are fast
+        with open('/proc/cpuinfo') as f:
+            flags = next((line for line in f if line.startswith('flags')), '').split()
+    except OSError:
+        return True
+    return bool({'avx512_bf16', 'amx_bf16'} & set(flags)) if flags else True
+
+
+def resolve_precision(precision, device):
+    """TrainConfig.precision on `device` -> 'fp32' or 'bf16'; a TrainingError for 'bf16' where
+    the device has no native bfloat16. 'auto' takes bf16 on such a CPU only: on CUDA ask for it."""
+    if precision == 'fp32':
+        return 'fp32'
+    native = bf16_native(device)
+    if precision == 'auto':
+        return 'bf16' if native and torch.device(device).type == 'cpu' else 'fp32'
+    if precision != 'bf16':
+        raise TrainingError(f"train.precision='{precision}' must be fp32, bf16 or auto")
+    if not native:
+        raise TrainingError(f"train.precision='bf16' on '{device}': this device has no native "
+                            f"bfloat16 (a CPU needs AVX512-BF16 or AMX, a GPU Ampere or newer); "
+                            f"use 'auto' (bf16 where it is native) or 'fp32'")
+    return 'bf16'
+
+
 def check_device(device):
     """`device` as torch takes it, or a TrainingError that says what is wrong before any work."""
     device = str(device or 'cpu')
@@ -170,6 +209,7 @@ def train_bc(policy, windows, train_cfg=None, progress=True, fit_normalizer=True
     if len(windows) == 0:
         raise TrainingError('no training windows: record or generate episodes first '
                             '(`rko episodes list` shows what is there)')
+    precision = resolve_precision(cfg.precision, device)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
@@ -184,7 +224,7 @@ def train_bc(policy, windows, train_cfg=None, progress=True, fit_normalizer=True
         policy.fit_normalizer(states, actions)
     policy.to(device).train()
     ema = copy.deepcopy(policy).eval() if cfg.ema_decay > 0 else policy
-    step_fn = (GraphedBCStep if graphed else EagerBCStep)(policy, ema, cfg, device)
+    step_fn = (GraphedBCStep if graphed else EagerBCStep)(policy, ema, cfg, device, precision)
     losses = []
     bar = None
     if progress:
@@ -210,21 +250,32 @@ def train_bc(policy, windows, train_cfg=None, progress=True, fit_normalizer=True
     ema.eval()
     tail = losses[-max(1, len(losses) // 10):]
     return ema, {'steps': cfg.steps, 'final_loss': float(np.mean(tail)), 'first_loss': losses[0],
-                 'windows': len(windows), 'device': device, 'cuda_graph': graphed}
+                 'windows': len(windows), 'device': device, 'cuda_graph': graphed,
+                 'precision': precision}
+
+
+def _autocast(device, precision):
+    """The BC forward pass's autocast context: bfloat16 for 'bf16', a no-op for 'fp32'. On CUDA
+    without the weight cache, as CUDA graph capture requires."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=precision == 'bf16',
+                          cache_enabled=kind != 'cuda')
 
 
 class EagerBCStep:
     """One BC step as plain torch calls; returns the loss (not stepped when it is not finite)."""
 
-    def __init__(self, policy, ema, cfg, device):
+    def __init__(self, policy, ema, cfg, device, precision='fp32'):
         self.policy, self.ema = policy, ema
+        self.device, self.precision = device, precision
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)
 
     def __call__(self, batch, lr, ema_decay):
         for group in self.optimizer.param_groups:
             group['lr'] = lr
-        loss = self.policy.bc_loss(batch)
+        with _autocast(self.device, self.precision):
+            loss = self.policy.bc_loss(batch).float()
         if not torch.isfinite(loss):
             return loss.item()
         self.optimizer.zero_grad(set_to_none=True)
@@ -243,8 +294,9 @@ class GraphedBCStep:
 
     WARMUP_STEPS = 3
 
-    def __init__(self, policy, ema, cfg, device):
+    def __init__(self, policy, ema, cfg, device, precision='fp32'):
         self.policy, self.ema, self.device = policy, ema, device
+        self.precision = precision
         self.lr = torch.tensor(float(cfg.lr), device=device)
         self.ema_weight = torch.zeros((), device=device)
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=self.lr,
@@ -255,7 +307,8 @@ class GraphedBCStep:
         self.calls = 0
 
     def _step(self):
-        loss = self.policy.bc_loss(self.static)
+        with _autocast(self.device, self.precision):
+            loss = self.policy.bc_loss(self.static).float()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
         self.optimizer.step()
