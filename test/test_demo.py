@@ -320,3 +320,17 @@ def test_a_round_waits_for_desirable_labels_within_its_cap():
     assert simulate(late, min_desirable=0) == [10, 10]       # 0: fixed even rounds
     assert simulate([1] * 20, method='sft') == [10, 10]
     assert simulate([1] * 20) == [15, 5]                     # rko also needs an undesirable one
+
+
+def test_bf16_pretraining_where_it_is_not_native_is_refused_before_any_work(tmp_path, monkeypatch):
+    import os
+    import pytest
+    from rko_ros.demo.commands import _pretrained
+    from rko_ros.demo.pipeline import DemoConfig
+    from rko_ros.errors import TrainingError
+    from rko_ros.policy import train as train_mod
+    monkeypatch.setattr(train_mod, 'bf16_native', lambda device: False)   # as on such a CPU
+    cfg = DemoConfig.quick(data_dir=str(tmp_path / 'd'), pretrain_precision='bf16')
+    with pytest.raises(TrainingError, match="train.precision='bf16' on 'cpu'"):
+        _pretrained(cfg, progress=False)
+    assert not os.path.exists(os.path.join(cfg.data_dir, 'episodes'))   # no demonstration made

@@ -229,6 +229,8 @@ def _pretrained(cfg, progress=True):
     pretrained = [v for v in store.versions() if store.read_card(v).get('method') == 'pretrain']
     if pretrained:
         return pretrained[-1], store.read_card(pretrained[-1]).get('metrics', {}), 0.0
+    from rko_ros.policy.train import resolve_precision
+    precision = resolve_precision(cfg.pretrain_precision, cfg.device)   # refused before any work
     _stage(f'1/5 scripted demonstrations ({len(cfg.styles)} styles x {cfg.demos_per_style})')
     start = time.perf_counter()
     with tqdm(total=len(cfg.styles) * cfg.demos_per_style, desc='demonstrations', unit='episode',
@@ -240,8 +242,6 @@ def _pretrained(cfg, progress=True):
     if redone or left_out:
         print(f'  {redone} failed demonstrations redone on their cloth, {left_out} left out '
               f'(--demo-attempts {cfg.demo_attempts})', file=sys.stderr, flush=True)
-    from rko_ros.policy.train import resolve_precision
-    precision = resolve_precision(cfg.pretrain_precision, cfg.device)
     _stage(f'2/5 pretraining the small diffusion policy ({cfg.pretrain_steps} steps, {precision})')
     version, metrics = pipeline.pretrain(cfg, ids, progress=progress)
     metrics.update(demonstration_success=demo_success, demonstrations_redone=redone,
