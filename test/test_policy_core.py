@@ -17,7 +17,7 @@ from rko_ros.policy.model import DiffusionPolicy
 from rko_ros.policy.runtime import PolicyRuntime
 from rko_ros.policy.store import ModelStore
 from rko_ros.policy.synthetic import make_two_mode_windows, mode_of
-from rko_ros.policy.train import ShiftAugment
+from rko_ros.policy.train import ShiftAugment, bf16_native, train_bc
 
 TINY = {'obs': {'image_size_px': [32, 32]},
         'model': {'encoder_channels': [8, 16], 'feature_dim': 16, 'down_dims': [32, 64],
@@ -334,7 +334,6 @@ def test_bench_train_times_steps_and_learns():
     assert result['eager_ms_per_step'] > 0
     assert result['eager_final_loss'] < result['eager_first_loss']
     assert 'cuda_graph_ms_per_step' not in result  # no CUDA here: only the eager mode runs
-    from rko_ros.policy.train import bf16_native
     if bf16_native('cpu'):   # the same steps again under bf16 autocast
         assert result['eager_bf16_ms_per_step'] > 0 and result['bf16_speedup'] > 0
         assert result['eager_bf16_final_loss'] < result['eager_bf16_first_loss']
@@ -359,16 +358,10 @@ def test_precision_is_checked_resolved_and_refused_where_bf16_is_not_native(monk
     policy = DiffusionPolicy(tiny_config(train={'steps': 2, 'precision': 'bf16'}))
     windows, _ = make_two_mode_windows(policy.config, n=8)
     with pytest.raises(TrainingError, match="train.precision='bf16' on 'cpu'"):
-        train_bc_quiet(policy, windows)
+        train_bc(policy, windows, progress=False)
 
 
-def train_bc_quiet(policy, windows, **kwargs):
-    from rko_ros.policy.train import train_bc
-    return train_bc(policy, windows, progress=False, **kwargs)
-
-
-@pytest.mark.skipif(not __import__('rko_ros.policy.train', fromlist=['bf16_native'])
-                    .bf16_native('cpu'), reason='this CPU has no native bfloat16')
+@pytest.mark.skipif(not bf16_native('cpu'), reason='this CPU has no native bfloat16')
 def test_bf16_training_runs_the_forward_in_bf16_and_keeps_float32_weights():
     windows, _ = make_two_mode_windows(tiny_config(), n=64, seed=0)
     results = {}
@@ -378,7 +371,7 @@ def test_bf16_training_runs_the_forward_in_bf16_and_keeps_float32_weights():
         seen = set()   # the dtype of a convolution's output in every training step
         conv = next(m for m in policy.modules() if isinstance(m, torch.nn.Conv2d))
         handle = conv.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
-        ema, metrics = train_bc_quiet(policy, windows)
+        ema, metrics = train_bc(policy, windows, progress=False)
         handle.remove()
         assert metrics['precision'] == precision
         assert seen == {torch.bfloat16 if precision == 'bf16' else torch.float32}
