@@ -161,10 +161,8 @@ class DemoConfig:
                               f'demonstration, failed or not)')
         from rko_ros.policy.runtime import check_noise_scale
         check_noise_scale(self.noise_scale)
-        from rko_ros.policy.config import PRECISIONS
-        if self.pretrain_precision not in PRECISIONS:
-            raise ConfigError(f"pretrain_precision='{self.pretrain_precision}' must be one of "
-                              f"{', '.join(PRECISIONS)}")
+        from rko_ros.policy.config import check_precision
+        check_precision(self.pretrain_precision, 'pretrain_precision')
         if not 0.0 <= float(self.demo_noise) <= 3.0:
             raise ConfigError(f'demo_noise={self.demo_noise} must be 0..3 (1 = the default '
                               f'teleoperator noise, 0 = exact plans)')

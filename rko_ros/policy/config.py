@@ -21,6 +21,11 @@ def _check(condition, message):
         raise ConfigError(message)
 
 
+def check_precision(value, name='train.precision'):
+    """A ConfigError naming `name` unless `value` is one of PRECISIONS."""
+    _check(value in PRECISIONS, f"{name}='{value}' must be one of {', '.join(PRECISIONS)}")
+
+
 @dataclasses.dataclass
 class ObsConfig:
     # Camera names in the order the model stacks them (N axis); the card repeats this order.
@@ -146,8 +151,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _check(self.steps >= 1, f'train.steps={self.steps} must be >= 1')
-        _check(self.precision in PRECISIONS,
-               f"train.precision='{self.precision}' must be one of {', '.join(PRECISIONS)}")
+        check_precision(self.precision)
         _check(0 <= int(self.shift_px) <= 32, f'train.shift_px={self.shift_px} must be 0..32')
         self.shift_px = int(self.shift_px)
         joints = {}
