@@ -31,7 +31,7 @@ from rko_ros.alignment import losses
 from rko_ros.alignment.methods import PAIR_METHODS, check_finetune_options
 from rko_ros.alignment.weights import rko_weights, similarity_matrix
 from rko_ros.errors import GuardRejected, TrainingError
-from rko_ros.policy.train import ShiftAugment, collate, ema_update
+from rko_ros.policy.train import ShiftAugment, adamw, collate, ema_update
 
 
 def _episode_means(episode_index, *values):
@@ -292,9 +292,8 @@ class PreferenceTrainer:
         self.guard_windows, self.guard_source = self._guard_windows()
         self.guard_reference = self.guard_error(self.reference) \
             if cfg.guard_tolerance is not None else None
-        self.optimizer = torch.optim.AdamW([p for p in self.policy.parameters() if p.requires_grad],
-                                           lr=cfg.lr,
-                                           weight_decay=cfg.weight_decay)
+        self.optimizer = adamw([p for p in self.policy.parameters() if p.requires_grad], cfg.lr,
+                               cfg.weight_decay)
         self.history = []
 
     # --- batches -------------------------------------------------------------------------

@@ -125,6 +125,13 @@ def lr_at(step, total, warmup, base_lr):
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def adamw(params, lr, weight_decay):
+    """AdamW with the fused kernel (one pass over every tensor, on the CPU and on CUDA). On the
+    2-core development CPU its update of the demo policy (1.3 M parameters in 181 tensors) took
+    3 ms against 15 ms for the default multi-tensor path, about a tenth of a BC step."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
 @torch.no_grad()
 def ema_update(ema, model, decay):
     # One fused update over all parameters: per-parameter mul_/add_ was a quarter of a BC step on
@@ -268,8 +275,7 @@ class EagerBCStep:
     def __init__(self, policy, ema, cfg, device, precision='fp32'):
         self.policy, self.ema = policy, ema
         self.device, self.precision = device, precision
-        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr,
-                                           weight_decay=cfg.weight_decay)
+        self.optimizer = adamw(policy.parameters(), cfg.lr, cfg.weight_decay)
 
     def __call__(self, batch, lr, ema_decay):
         for group in self.optimizer.param_groups:
