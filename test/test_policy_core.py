@@ -17,7 +17,7 @@ from rko_ros.policy.model import DiffusionPolicy
 from rko_ros.policy.runtime import PolicyRuntime
 from rko_ros.policy.store import ModelStore
 from rko_ros.policy.synthetic import make_two_mode_windows, mode_of
-from rko_ros.policy.train import ShiftAugment, bf16_native, train_bc
+from rko_ros.policy.train import EagerBCStep, ShiftAugment, bf16_native, collate, train_bc
 
 TINY = {'obs': {'image_size_px': [32, 32]},
         'model': {'encoder_channels': [8, 16], 'feature_dim': 16, 'down_dims': [32, 64],
@@ -380,3 +380,32 @@ def test_bf16_training_runs_the_forward_in_bf16_and_keeps_float32_weights():
         results[precision] = metrics['final_loss']
     # Same data, seed and steps: bf16 learns about as far as fp32.
     assert results['bf16'] < 1.5 * results['fp32'], results
+
+
+def test_bc_step_uses_the_fused_adamw_and_steps_as_the_plain_one_does():
+    cfg = PolicyConfig.preset('small', obs={'image_size_px': [32, 32]})
+    windows, _ = make_two_mode_windows(cfg, n=32, seed=0)
+    rng = np.random.default_rng(0)
+    batch = collate(windows, rng.integers(0, len(windows), size=8), 'cpu')
+    params = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        policy = DiffusionPolicy(cfg)
+        policy.fit_normalizer(np.concatenate([w['state'] for w in windows]),
+                              np.concatenate([w['action'] for w in windows]))
+        step = EagerBCStep(policy, policy, cfg.train, 'cpu')
+        assert step.optimizer.defaults['fused'] is True
+        if not fused:
+            step.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.train.lr,
+                                               weight_decay=cfg.train.weight_decay)
+        before = [p.detach().clone() for p in policy.parameters()]
+        torch.manual_seed(1)    # the same timesteps and noise for both
+        for _ in range(3):
+            step(batch, 1e-3, 0.0)
+        params[fused] = [p.detach().clone() for p in policy.parameters()]
+    moved = max(float((a - b).abs().max()) for a, b in zip(params[True], before))
+    assert moved > 1e-4
+    # Adam divides by sqrt(v): where a gradient is tiny, rounding moves an update by a few % of
+    # one step. A wrong update (bias correction, weight decay) would be off by about lr per step.
+    for a, b in zip(params[True], params[False]):
+        torch.testing.assert_close(a, b, rtol=0.0, atol=1e-4)
