@@ -199,7 +199,10 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     assert pairs['--preference-min-timestep'] == '30'
     assert pairs['--select'] == 'last' and pairs['--ema-decay'] == '0.995'   # the demo's defaults
     with open(path) as f:   # every ROS episode samples at the demo's noise scale
-        assert yaml.safe_load(f)['/**/policy_node']['ros__parameters']['noise_scale'] == 0.25
+        params = yaml.safe_load(f)
+    assert params['/**/policy_node']['ros__parameters']['noise_scale'] == 0.25
+    sim = params['/**/sim_node']['ros__parameters']    # joint states once per control tick
+    assert sim['joint_state_rate_hz'] == sim.get('control_rate_hz', 10.0) == 10.0
     cfg = DemoConfig(freeze_encoder=True, finetune_select='margin', finetune_ema_decay=0.0, finetune_patience=4, finetune_steps=600, lambda_retrieved=0.0,
                      preference_min_timestep=0)
     path = write_demo_params(str(tmp_path / 'q.yaml'), cfg, default_config_path())

@@ -40,6 +40,7 @@ def system(tmp_path_factory):
     auto_reload: true
     method: "kto"
     steps: 4
+    train_threads: 1
 /**/sim_node:
   ros__parameters:
     image_width_px: 32
@@ -251,6 +252,7 @@ def test_finetune_through_trainer_start_hot_swaps_then_rolls_back(system):
     assert _srv(system, SetBool, 'feedback/label_last', True).success
     start = _srv(system, Trigger, 'trainer/start')
     assert start.success and 'finetune' in start.message and '--method kto' in start.message
+    assert '--threads 1' in start.message      # train_threads, parsed by the real `rko finetune`
     busy = _srv(system, Trigger, 'trainer/start')
     assert not busy.success and 'already running' in busy.message
 

@@ -11,7 +11,7 @@ import textwrap
 import time
 
 from rko_ros.policy.store import ModelStore
-from rko_ros.ros.trainer_node import FinetuneJob
+from rko_ros.ros.trainer_node import FinetuneJob, train_threads
 from ros_testing import ROOT, add_version
 
 
@@ -95,3 +95,17 @@ def test_a_failing_child_reports_its_last_lines(tmp_path):
     assert job.state == 'failed'
     assert job.error == ('rko finetune failed (exit code 2): rko finetune: error: no labelled '
                          'episodes in the catalog')
+
+
+def test_training_threads_leave_a_core_to_the_nodes():
+    # 0: one per core but one (at least one); a number is taken as given.
+    assert [train_threads(0, cores=c) for c in (1, 2, 16)] == [1, 1, 15]
+    assert train_threads(3, cores=2) == 3
+    assert train_threads(0) == max(1, len(os.sched_getaffinity(0)) - 1)
+    import pytest
+    from rko_ros.alignment.trainer import FinetuneConfig
+    from rko_ros.errors import TrainingError
+    with pytest.raises(TrainingError, match='num_threads=-1 must be >= 0'):
+        FinetuneConfig(num_threads=-1)
+    from rko_ros.cli import build_parser
+    assert build_parser().parse_args(['finetune', '--threads', '1']).threads == 1

@@ -108,6 +108,11 @@ def register(subparsers):
                         'help: see the README')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default='cpu', help="torch device, e.g. 'cuda'")
+    p.add_argument('--threads', type=int, default=0,
+                   help='CPU threads of torch (default 0: one per core). Beside running ROS nodes '
+                        'on a small CPU, fewer threads than cores train faster: the nodes\' '
+                        'callbacks stall a thread that every other one then waits for (the '
+                        'trainer node passes its train_threads)')
     p.add_argument('--activate', action='store_true', help='make the new version the active one')
     p.add_argument('--camera-topics', nargs='+',
                    help="bag topics of the cameras (default: the parent card's camera_topics)")
@@ -176,7 +181,7 @@ def _finetune(args):
                          shift_px=args.shift_px, lambda_d=args.lambda_d, lambda_u=args.lambda_u,
                          ema_decay=args.ema_decay, freeze_encoder=args.freeze_encoder,
                          guard_tolerance=None if args.no_guard else args.guard_tolerance,
-                         guard_windows=args.guard_windows)
+                         guard_windows=args.guard_windows, num_threads=args.threads)
     labelled = load_labelled(args.data_dir, spec, progress=not args.no_progress)
     data = LabelledWindows.from_dataset(labelled.windows)
     behaviour = None

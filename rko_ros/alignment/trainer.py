@@ -155,6 +155,8 @@ class FinetuneConfig:
             self.beta = losses.DEFAULT_BETA[self.method]
         if self.reduction not in ('sum', 'mean'):
             raise TrainingError(f"reduction '{self.reduction}' must be 'sum' or 'mean'")
+        if self.num_threads < 0:
+            raise TrainingError(f'num_threads={self.num_threads} must be >= 0 (0 = one per core)')
         if self.patience < 0:
             raise TrainingError(f'patience={self.patience} must be >= 0 (0 = no early stopping)')
         if self.retrieval_tau <= 0:
