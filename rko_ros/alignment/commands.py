@@ -109,10 +109,9 @@ def register(subparsers):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default='cpu', help="torch device, e.g. 'cuda'")
     p.add_argument('--threads', type=int, default=0,
-                   help='CPU threads of torch (default 0: one per core). Beside running ROS nodes '
-                        'on a small CPU, fewer threads than cores train faster: the nodes\' '
-                        'callbacks stall a thread that every other one then waits for (the '
-                        'trainer node passes its train_threads)')
+                   help='CPU threads of torch (default 0: one per core). The trainer node '
+                        'passes its train_threads (default one per core but one, so the nodes '
+                        'beside the training keep a core)')
     p.add_argument('--activate', action='store_true', help='make the new version the active one')
     p.add_argument('--camera-topics', nargs='+',
                    help="bag topics of the cameras (default: the parent card's camera_topics)")

@@ -52,9 +52,10 @@ PARAMETERS = {
 
 def train_threads(requested, cores=None):
     """torch threads for a fine-tuning beside the running nodes: `requested`, or with 0 one per
-    core but one. On a small CPU a training thread that a node's callback preempts stalls the
-    others at the next synchronisation: the demo's RKO step took 371 ms with both cores against
-    216 ms alone and 260 ms with one, while the nodes idled beside it (2-core CPU)."""
+    core but one, so the control loop and the recorder keep a core while the robot's computer
+    trains. On the 2-core development CPU this costs the demo nothing: its RKO steps took a
+    median 322 / 276 ms with one thread (rounds 1 / 2) against 317 / 324 ms with both cores
+    (seed 3, the same pretrained model); alone, with no nodes running, 265 against 216 ms."""
     if requested:
         return int(requested)
     if cores is None:
