@@ -30,7 +30,7 @@ def write_demo_params(path, cfg, base_config):
     # Joint states at the control rate, not the sim's 30 Hz: the policy reads one per tick, and
     # each message costs the nodes' process CPU (idle `rko up --sim`: 40% of a core at 30 Hz,
     # 25% at 10 Hz on the 2-core development CPU).
-    sim.setdefault('joint_state_rate_hz', float(sim.get('control_rate_hz', 10.0)))
+    sim.setdefault('joint_state_rate_hz', float(task.control_rate_hz))
     policy = params.setdefault('/**/policy_node', {}).setdefault('ros__parameters', {})
     policy.update({'enabled': False, 'noise_scale': float(cfg.noise_scale)})
     trainer = params.setdefault('/**/trainer_node', {}).setdefault('ros__parameters', {})
