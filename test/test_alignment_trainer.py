@@ -245,6 +245,24 @@ def test_anchors_add_their_bc_errors_and_are_off_by_default(pretrained, method):
                           behaviour=None, progress=False)
 
 
+def test_a_fine_tuning_repeats_bit_for_bit_given_its_seed(pretrained):
+    """The bench compares methods by their seeds: a seed must name one run, on two threads too."""
+    store, parent, data, windows = pretrained
+
+    def weights(seed):
+        cfg = FinetuneConfig(method='rko', steps=6, batch_size=8, eval_every=3, patience=100,
+                             seed=seed, num_threads=2, lambda_retrieved=1.0, lambda_sft=1.0)
+        try:
+            version, _ = finetune(store, parent, data, cfg, behaviour=windows, progress=False)
+        finally:
+            torch.set_num_threads(1)
+        return store.load_policy(version).state_dict()
+
+    first, again, other = weights(3), weights(3), weights(4)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
 def test_ema_is_what_gets_selected_and_kept(pretrained):
     from rko_ros.alignment.trainer import PreferenceTrainer
     store, parent, data, _ = pretrained
