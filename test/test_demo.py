@@ -276,8 +276,33 @@ def test_quick_alignment_bench_uses_quick_sizes_and_reports_failed_cells(tmp_pat
             assert 'failed' in result.stdout and run['error'] in result.stdout
         else:
             assert 0.0 <= cell['preferred_success_mean'] <= 1.0 and run['version']
+            assert 0.0 < cell['preferred_success_se'] <= 0.5
+    assert set(bench['rko_ahead_beyond_two_se_of']) <= set(bench['rko_ahead_of'])
+    assert 'by more than two standard errors' in result.stdout
     bad = subprocess.run(cmd[:-1] + ['--seeds', '0'], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and '--seeds 0 must be >= 1' in bad.stderr
+
+
+def test_bench_says_which_leads_the_runs_can_tell():
+    """Three seeds x 40 episodes as measured on 2026-11-29: rko's 4 points over dpo are a lead in
+    the means, not beyond two standard errors; 30 points over a method at 50% are."""
+    import numpy as np
+    import pytest
+    from rko_ros.demo.bench import ahead_of, standard_error
+    # Binomial: 0.825 over 120 episodes; the seeds' spread (std 0.043 / sqrt 3) is smaller.
+    assert standard_error([0.8, 0.8, 0.875], 40) == pytest.approx(np.sqrt(0.825 * 0.175 / 120))
+    # Seeds far apart: their spread is the larger error.
+    assert standard_error([0.5, 1.0], 40) == pytest.approx(np.std([0.5, 1.0], ddof=1) / np.sqrt(2))
+    # One seed that folded every cloth still has an error (half an episode from 1).
+    assert 0.0 < standard_error([1.0], 40) < 0.03 and standard_error([], 40) is None
+    runs = {'rko': [0.8, 0.8, 0.875], 'sft': [0.8, 0.8, 0.925], 'kto': [0.825, 0.85, 0.825],
+            'dpo': [0.75, 0.8, 0.8], 'fkpd': [0.5, 0.55, 0.45]}
+    table = {m: {'20': {'preferred_success_mean': float(np.mean(r)),
+                        'preferred_success_se': standard_error(r, 40)}} for m, r in runs.items()}
+    table['rpo'] = {'20': {'preferred_success_mean': None, 'preferred_success_se': None}}
+    assert ahead_of(table, list(table), '20') == (['dpo', 'fkpd'], ['fkpd'])
+    table['rko']['20']['preferred_success_mean'] = None
+    assert ahead_of(table, list(table), '20') == ([], [])
 
 
 def test_label_rounds_split_the_labelled_episodes(tmp_path):

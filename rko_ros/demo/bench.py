@@ -109,12 +109,11 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
                 'mean_quality_mean': _mean_of(done, 'mean_quality'),
                 'grasp_off_target_share_mean': _mean_of(done, 'grasp_off_target_share'),
                 'errors': sorted({r['error'] for r in cells if 'error' in r})}
+    for cells in table.values():
+        for cell in cells.values():
+            cell['preferred_success_se'] = standard_error(cell['preferred_success_runs'], eval_episodes)
     top = str(label_counts[-1])
-    rko_ahead = []
-    if 'rko' in table and table['rko'][top]['preferred_success_mean'] is not None:
-        rko_ahead = [m for m in methods if m != 'rko' and
-                     table[m][top]['preferred_success_mean'] is not None and
-                     table['rko'][top]['preferred_success_mean'] > table[m][top]['preferred_success_mean']]
+    rko_ahead, rko_clearly_ahead = ahead_of(table, methods, top)
     result = {'bench': 'alignment', 'preferred_style': cfg.preferred_style, 'methods': list(methods),
               'labels': label_counts, 'seeds': seeds, 'eval_episodes': eval_episodes,
               'finetune_steps': cfg.finetune_steps, 'finetune_lr': cfg.finetune_lr,
@@ -126,9 +125,42 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
               'preference_min_timestep': cfg.preference_min_timestep,
               'guard_tolerance': cfg.guard_tolerance, 'noise_scale': cfg.noise_scale,
               'pretrained_version': parent,
-              'pretrained': pretrained, 'table': table, 'rko_ahead_of': rko_ahead, 'runs': runs}
+              'pretrained': pretrained, 'table': table, 'rko_ahead_of': rko_ahead,
+              'rko_ahead_beyond_two_se_of': rko_clearly_ahead, 'runs': runs}
     result['plot'] = _plot(result, os.path.join(cfg.data_dir, 'alignment_bench.png'))
     return result
+
+
+def standard_error(runs, episodes_per_run):
+    """Standard error of the mean success over fine-tuning seeds: the larger of the binomial one
+    (all evaluation episodes pooled; the rate kept half an episode from 0 and 1) and the spread
+    of the seeds (std / sqrt(seeds), two or more seeds). None without runs."""
+    if not runs:
+        return None
+    n = len(runs) * int(episodes_per_run)
+    p = float(np.clip(np.mean(runs), 0.5 / n, 1.0 - 0.5 / n))
+    binomial = float(np.sqrt(p * (1.0 - p) / n))
+    seeds = float(np.std(runs, ddof=1) / np.sqrt(len(runs))) if len(runs) > 1 else 0.0
+    return max(binomial, seeds)
+
+
+def ahead_of(table, methods, labels):
+    """(methods rko's mean success beats at `labels`, those it beats by more than two standard
+    errors of the difference): the first is the raw order, the second what the runs can tell."""
+    rko = table.get('rko', {}).get(labels)
+    if rko is None or rko['preferred_success_mean'] is None:
+        return [], []
+    ahead, clearly = [], []
+    for m in methods:
+        other = table[m][labels]
+        if m == 'rko' or other['preferred_success_mean'] is None:
+            continue
+        gap = rko['preferred_success_mean'] - other['preferred_success_mean']
+        if gap > 0:
+            ahead.append(m)
+            if gap > 2.0 * np.hypot(rko['preferred_success_se'], other['preferred_success_se']):
+                clearly.append(m)
+    return ahead, clearly
 
 
 def _mean_of(rows, key):

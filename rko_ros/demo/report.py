@@ -128,7 +128,7 @@ def bench_table(result):
     lines = ['', f"rko bench alignment: preferred '{result['preferred_style']}', "
                  f"pretrained success {_pct(result['pretrained']['preferred_success']).strip()}, "
                  f"{result['seeds']} seeds x {result['eval_episodes']} evaluation episodes", '']
-    header = f"  {'method':8}" + ''.join(f"{f'{n} labels':>18}" for n in result['labels'])
+    header = f"  {'method':8}" + ''.join(f"{f'{n} labels':>23}   " for n in result['labels'])
     lines += [header, '  ' + '-' * (len(header) - 2)]
     errors = []
     for method in result['methods']:
@@ -136,15 +136,20 @@ def bench_table(result):
         for n in result['labels']:
             cell = result['table'][method][str(n)]
             if cell['preferred_success_mean'] is None:
-                row += f"{'failed':>10}       "
+                row += f"{'failed':>10}{'':16}"
                 errors += [f'{method} at {n} labels: {e}' for e in cell.get('errors', [])]
             else:
+                se = cell.get('preferred_success_se')
                 row += (f"{_pct(cell['preferred_success_mean']).strip():>10} "
-                        f"q{cell['mean_quality_mean']:.2f}  ")
+                        f"q{cell['mean_quality_mean']:.2f}  "
+                        + (f"+-{100 * se:4.1f}  " if se is not None else f"{'':8}"))
         lines.append(row)
     if errors:
         lines += [''] + [f'  {e}' for e in errors]
-    lines += ['', '  cells: preferred-style success (mean over seeds), mean fold quality',
+    lines += ['', '  cells: preferred-style success (mean over seeds), mean fold quality, one standard '
+                  'error (points; binomial or the seeds\' spread, the larger)',
               f"  rko ahead of {', '.join(result['rko_ahead_of']) or 'none'} at the largest label "
-              f"count; plot {result.get('plot', '')}"]
+              f"count; by more than two standard errors: "
+              f"{', '.join(result.get('rko_ahead_beyond_two_se_of', [])) or 'none'}",
+              f"  plot {result.get('plot', '')}"]
     return '\n'.join(lines)
