@@ -285,7 +285,7 @@ def test_quick_alignment_bench_uses_quick_sizes_and_reports_failed_cells(tmp_pat
 
 def test_bench_says_which_leads_the_runs_can_tell():
     """Three seeds x 40 episodes as measured on 2026-11-29: rko's 4 points over dpo are a lead in
-    the means, not beyond two standard errors; 30 points over a method at 50% are."""
+    the means, not beyond two standard errors; 32.5 points over a method at 50% are."""
     import numpy as np
     import pytest
     from rko_ros.demo.bench import ahead_of, standard_error
