@@ -103,15 +103,14 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
             done = [r for r in cells if 'error' not in r]
             # A cell whose runs all failed (e.g. no desirable label among the first n) has no
             # number: None, and the reasons, rather than a NaN that reads like a result.
+            rates = [r['preferred_success'] for r in done]
             table[method][str(n)] = {
                 'preferred_success_mean': _mean_of(done, 'preferred_success'),
-                'preferred_success_runs': [r['preferred_success'] for r in done],
+                'preferred_success_runs': rates,
+                'preferred_success_se': standard_error(rates, eval_episodes),
                 'mean_quality_mean': _mean_of(done, 'mean_quality'),
                 'grasp_off_target_share_mean': _mean_of(done, 'grasp_off_target_share'),
                 'errors': sorted({r['error'] for r in cells if 'error' in r})}
-    for cells in table.values():
-        for cell in cells.values():
-            cell['preferred_success_se'] = standard_error(cell['preferred_success_runs'], eval_episodes)
     top = str(label_counts[-1])
     rko_ahead, rko_clearly_ahead = ahead_of(table, methods, top)
     result = {'bench': 'alignment', 'preferred_style': cfg.preferred_style, 'methods': list(methods),
