@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 from rko_ros.demo import offline, pipeline
+from rko_ros.demo.report import binomial_standard_error
 from rko_ros.errors import GuardRejected
 
 
@@ -137,8 +138,7 @@ def standard_error(runs, episodes_per_run):
     if not runs:
         return None
     n = len(runs) * int(episodes_per_run)
-    p = float(np.clip(np.mean(runs), 0.5 / n, 1.0 - 0.5 / n))
-    binomial = float(np.sqrt(p * (1.0 - p) / n))
+    binomial = binomial_standard_error(np.clip(np.mean(runs), 0.5 / n, 1.0 - 0.5 / n), n, worst=False)
     seeds = float(np.std(runs, ddof=1) / np.sqrt(len(runs))) if len(runs) > 1 else 0.0
     return max(binomial, seeds)
 

@@ -9,7 +9,7 @@ def _pct(x):
     return f'{100 * x:5.1f}%'
 
 
-def _standard_error(rate, n, worst=True):
+def binomial_standard_error(rate, n, worst=True):
     """Binomial standard error of a success rate over n episodes (at 50% when `worst`)."""
     p = 0.5 if worst else float(rate)
     return (p * (1.0 - p) / max(int(n), 1)) ** 0.5
@@ -57,8 +57,8 @@ def demo_table(summary):
          f"  target NOT met: preferred-style success {_pct(a['preferred_success']).strip()} after "
          f"{summary['labelled_episodes']} labels (target >= 90% with <= 20)"),
         f"  one standard error of a rate over {a['episodes']} episodes: up to "
-        f"{_pct(_standard_error(a['preferred_success'], a['episodes'])).strip()} "
-        f"(here {_pct(_standard_error(a['preferred_success'], a['episodes'], worst=False)).strip()}); "
+        f"{_pct(binomial_standard_error(a['preferred_success'], a['episodes'])).strip()} "
+        f"(here {_pct(binomial_standard_error(a['preferred_success'], a['episodes'], worst=False)).strip()}); "
         f"fine-tuning seeds differ by about as much again",
         f"  report: {summary.get('report_dir', '')}   wall time {summary.get('wall_s', 0):.0f} s",
     ]
