@@ -278,6 +278,9 @@ def test_quick_alignment_bench_uses_quick_sizes_and_reports_failed_cells(tmp_pat
             assert 0.0 <= cell['preferred_success_mean'] <= 1.0 and run['version']
             assert 0.0 < cell['preferred_success_se'] <= 0.5
     assert set(bench['rko_ahead_beyond_two_se_of']) <= set(bench['rko_ahead_of'])
+    assert set(bench['rko_ahead_by_labels']) == {'2', '4'}
+    assert bench['rko_ahead_by_labels']['4'] == {'ahead_of': bench['rko_ahead_of'],
+                                                 'beyond_two_se_of': bench['rko_ahead_beyond_two_se_of']}
     assert 'by more than two standard errors' in result.stdout
     bad = subprocess.run(cmd[:-1] + ['--seeds', '0'], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and '--seeds 0 must be >= 1' in bad.stderr
@@ -303,6 +306,84 @@ def test_bench_says_which_leads_the_runs_can_tell():
     assert ahead_of(table, list(table), '20') == (['dpo', 'fkpd'], ['fkpd'])
     table['rko']['20']['preferred_success_mean'] = None
     assert ahead_of(table, list(table), '20') == ([], [])
+
+
+def _bench_line(methods, labels, runs, **settings):
+    """A JSON line of `rko bench alignment --json` holding `runs` (method, labels, seed, rate)."""
+    result = {'bench': 'alignment', 'preferred_style': 'left_to_right', 'eval_episodes': 40,
+              'finetune_steps': 1200, 'lambda_retrieved': 32.0, 'pretrained_version': 'v0001-pretrain',
+              'pretrained': {'episodes': 40, 'preferred_success': 0.35}, 'methods': methods,
+              'labels': labels, 'seeds': max(r[2] for r in runs) + 1, 'table': {}, 'rko_ahead_of': [],
+              'plot': 'elsewhere.png',
+              'runs': [{'method': m, 'labels': n, 'seed': s, 'desirable': n // 4, 'episodes': 40,
+                        'preferred_success': rate, 'mean_quality': 0.8, 'grasp_off_target_share': 0.1}
+                       for m, n, s, rate in runs]}
+    result.update(settings)
+    return result
+
+
+def test_bench_merge_combines_runs_split_over_processes(tmp_path):
+    """`rko bench alignment --merge`: this session's sweep (5 / 10 / 40 labels, one seed) and the
+    three-seed 20-label run of rko, sft and kto, each its own process, give one table whose cells
+    and leads are those of the runs; runs of other settings or clashing numbers are refused."""
+    import pytest
+    from rko_ros.demo.bench import merge_results, standard_error
+    from rko_ros.errors import RkoError
+    sweep = _bench_line(['rko', 'sft', 'kto'], [5, 10, 40], [
+        ('rko', 5, 0, 0.55), ('sft', 5, 0, 0.525), ('kto', 5, 0, 0.55),
+        ('rko', 10, 0, 0.775), ('sft', 10, 0, 0.875), ('kto', 10, 0, 0.85),
+        ('rko', 40, 0, 0.875), ('sft', 40, 0, 0.9), ('kto', 40, 0, 0.85)])
+    twenty = _bench_line(['rko', 'sft', 'kto', 'dpo'], [20], [
+        (m, 20, s, r) for m, rates in (('rko', (0.8, 0.8, 0.875)), ('sft', (0.8, 0.8, 0.925)),
+                                       ('kto', (0.825, 0.85, 0.825)), ('dpo', (0.75, 0.8, 0.8)))
+        for s, r in enumerate(rates)])
+    merged = merge_results([sweep, twenty, sweep])      # a file given twice counts once
+    assert merged['methods'] == ['rko', 'sft', 'kto', 'dpo'] and merged['labels'] == [5, 10, 20, 40]
+    assert len(merged['runs']) == 9 + 12 and merged['seeds'] == 3 and 'plot' not in merged
+    cell = merged['table']['rko']['20']
+    assert cell['preferred_success_runs'] == [0.8, 0.8, 0.875]
+    assert cell['preferred_success_mean'] == pytest.approx(0.825)
+    assert cell['preferred_success_se'] == pytest.approx(standard_error([0.8, 0.8, 0.875], 40))
+    assert merged['table']['dpo']['5']['preferred_success_mean'] is None   # not run: no number
+    assert merged['rko_ahead_by_labels'] == {
+        '5': {'ahead_of': ['sft'], 'beyond_two_se_of': []},
+        '10': {'ahead_of': [], 'beyond_two_se_of': []},
+        '20': {'ahead_of': ['dpo'], 'beyond_two_se_of': []},
+        '40': {'ahead_of': ['kto'], 'beyond_two_se_of': []}}
+    assert merged['rko_ahead_of'] == ['kto'] and merged['rko_ahead_beyond_two_se_of'] == []
+    assert merged['eval_episodes'] == 40 and merged['pretrained_version'] == 'v0001-pretrain'
+
+    other_base = dict(twenty, pretrained_version='v0002-pretrain')
+    with pytest.raises(RkoError, match=r"result 2 is not from the same pretrained model.*"
+                                       r"pretrained_version \('v0001-pretrain' / 'v0002-pretrain'\)"):
+        merge_results([sweep, other_base])
+    with pytest.raises(RkoError, match='lambda_retrieved'):
+        merge_results([sweep, dict(twenty, lambda_retrieved=0.0)])
+    clash = _bench_line(['rko'], [40], [('rko', 40, 0, 0.8)])
+    with pytest.raises(RkoError, match='rko at 40 labels, seed 0, is in two results with '
+                                       'different numbers'):
+        merge_results([sweep, clash])
+
+    # The command: files holding the --json output (a table above the line), a plot under --out.
+    paths = []
+    for i, result in enumerate((sweep, twenty)):
+        paths.append(tmp_path / f'part{i}.json')
+        paths[-1].write_text('table printed first\n' + json.dumps(result) + '\n')
+    out = tmp_path / 'merged'
+    cmd = [sys.executable, '-m', 'rko_ros.cli', 'bench', 'alignment', '--merge', *map(str, paths),
+           '--out', str(out), '--json']
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line['rko_ahead_by_labels'] == merged['rko_ahead_by_labels']
+    assert line['plot'] == str(out / 'alignment_bench.png') and os.path.isfile(line['plot'])
+    assert '1-3 seeds x 40 evaluation episodes' in result.stdout
+    assert 'at 5 labels: ahead of sft' in result.stdout and 'not run' in result.stdout
+    assert not list(out.glob('*.sqlite'))               # nothing trained, no store made
+    (tmp_path / 'log.txt').write_text('fine-tune + evaluate: 100%\n')
+    bad = subprocess.run(cmd[:6] + [str(tmp_path / 'log.txt')], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and 'does not end with the JSON line' in bad.stderr
 
 
 def test_label_rounds_split_the_labelled_episodes(tmp_path):

@@ -96,24 +96,7 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
                 runs.append(row)
                 bar.update(1)
     bar.close()
-    table = {}
-    for method in methods:
-        table[method] = {}
-        for n in label_counts:
-            cells = [r for r in runs if r['method'] == method and r['labels'] == n]
-            done = [r for r in cells if 'error' not in r]
-            # A cell whose runs all failed (e.g. no desirable label among the first n) has no
-            # number: None, and the reasons, rather than a NaN that reads like a result.
-            rates = [r['preferred_success'] for r in done]
-            table[method][str(n)] = {
-                'preferred_success_mean': _mean_of(done, 'preferred_success'),
-                'preferred_success_runs': rates,
-                'preferred_success_se': standard_error(rates, eval_episodes),
-                'mean_quality_mean': _mean_of(done, 'mean_quality'),
-                'grasp_off_target_share_mean': _mean_of(done, 'grasp_off_target_share'),
-                'errors': sorted({r['error'] for r in cells if 'error' in r})}
-    top = str(label_counts[-1])
-    rko_ahead, rko_clearly_ahead = ahead_of(table, methods, top)
+    table = summarize_runs(runs, methods, label_counts, eval_episodes)
     result = {'bench': 'alignment', 'preferred_style': cfg.preferred_style, 'methods': list(methods),
               'labels': label_counts, 'seeds': seeds, 'eval_episodes': eval_episodes,
               'finetune_steps': cfg.finetune_steps, 'finetune_lr': cfg.finetune_lr,
@@ -125,10 +108,91 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
               'preference_min_timestep': cfg.preference_min_timestep,
               'guard_tolerance': cfg.guard_tolerance, 'noise_scale': cfg.noise_scale,
               'pretrained_version': parent,
-              'pretrained': pretrained, 'table': table, 'rko_ahead_of': rko_ahead,
-              'rko_ahead_beyond_two_se_of': rko_clearly_ahead, 'runs': runs}
+              'pretrained': pretrained, 'table': table, **leads(table, methods, label_counts),
+              'runs': runs}
     result['plot'] = _plot(result, os.path.join(cfg.data_dir, 'alignment_bench.png'))
     return result
+
+
+def summarize_runs(runs, methods, label_counts, eval_episodes):
+    """{method: {str(labels): cell}} from the run rows: the mean over seeds, its standard error,
+    and the reasons of runs that failed (a cell whose runs all failed has None, not a NaN that
+    reads like a result)."""
+    table = {}
+    for method in methods:
+        table[method] = {}
+        for n in label_counts:
+            cells = [r for r in runs if r['method'] == method and r['labels'] == n]
+            done = [r for r in cells if 'error' not in r]
+            rates = [r['preferred_success'] for r in done]
+            table[method][str(n)] = {
+                'preferred_success_mean': _mean_of(done, 'preferred_success'),
+                'preferred_success_runs': rates,
+                'preferred_success_se': standard_error(rates, eval_episodes),
+                'mean_quality_mean': _mean_of(done, 'mean_quality'),
+                'grasp_off_target_share_mean': _mean_of(done, 'grasp_off_target_share'),
+                'errors': sorted({r['error'] for r in cells if 'error' in r})}
+    return table
+
+
+def leads(table, methods, label_counts):
+    """The JSON's lead keys: at the largest label count (`rko_ahead_of`,
+    `rko_ahead_beyond_two_se_of`) and at each (`rko_ahead_by_labels`), since a method can lead
+    with few labels and not with many."""
+    by_labels = {}
+    for n in label_counts:
+        ahead, clearly = ahead_of(table, methods, str(n))
+        by_labels[str(n)] = {'ahead_of': ahead, 'beyond_two_se_of': clearly}
+    top = by_labels[str(label_counts[-1])]
+    return {'rko_ahead_of': top['ahead_of'], 'rko_ahead_beyond_two_se_of': top['beyond_two_se_of'],
+            'rko_ahead_by_labels': by_labels}
+
+
+# What a merge recomputes from the runs; every other key of the JSON lines must agree.
+_MERGED_KEYS = ('methods', 'labels', 'seeds', 'table', 'runs', 'rko_ahead_of',
+                'rko_ahead_beyond_two_se_of', 'rko_ahead_by_labels', 'plot')
+
+
+def merge_results(results, plot_path=None):
+    """One bench result from several runs of `rko bench alignment` that share the pretrained
+    model, its labelled rollouts and every setting (methods, label counts or seeds split over
+    processes or machines). A run of the same method, label count and seed found twice must
+    have the same numbers. Raises RkoError naming what differs."""
+    from rko_ros.errors import RkoError
+    if not results:
+        raise RkoError('nothing to merge')
+    first = results[0]
+    for i, other in enumerate(results[1:], start=2):
+        if other.get('bench') != 'alignment':
+            raise RkoError(f'result {i} is not an alignment bench result')
+        keys = (set(first) | set(other)) - set(_MERGED_KEYS)
+        differ = sorted(k for k in keys if first.get(k) != other.get(k))
+        if differ:
+            shown = ', '.join(f'{k} ({first.get(k)!r} / {other.get(k)!r})' for k in differ[:4])
+            raise RkoError(f'result {i} is not from the same pretrained model and settings as '
+                           f'result 1: {shown}{" ..." if len(differ) > 4 else ""}')
+    runs, seen = [], {}
+    for result in results:
+        for run in result['runs']:
+            key = (run['method'], run['labels'], run['seed'])
+            if key in seen:
+                if seen[key] != run:
+                    raise RkoError(f'{key[0]} at {key[1]} labels, seed {key[2]}, is in two results '
+                                   'with different numbers: not one setting (was the code changed '
+                                   'between them?)')
+                continue
+            seen[key] = run
+            runs.append(run)
+    methods = list(dict.fromkeys(m for r in results for m in r['methods']))
+    label_counts = sorted({int(n) for r in results for n in r['labels']})
+    merged = {k: v for k, v in first.items() if k not in _MERGED_KEYS}
+    runs.sort(key=lambda r: (r['labels'], methods.index(r['method']), r['seed']))
+    table = summarize_runs(runs, methods, label_counts, first['eval_episodes'])
+    merged.update(methods=methods, labels=label_counts, seeds=max(r['seeds'] for r in results),
+                  table=table, **leads(table, methods, label_counts), runs=runs)
+    if plot_path:
+        merged['plot'] = _plot(merged, plot_path)
+    return merged
 
 
 def standard_error(runs, episodes_per_run):

@@ -103,6 +103,11 @@ def register_bench(bench_subparsers):
                         '2 evaluation rollouts); flags given still win')
     _device_arg(p)
     p.add_argument('--json', action='store_true', help='print the result as one JSON line')
+    p.add_argument('--merge', nargs='+', metavar='FILE',
+                   help='train nothing: combine the JSON lines of earlier runs (files holding '
+                        'their --json output) into one table, e.g. methods or label counts split '
+                        'over processes or machines. They must share the pretrained model and '
+                        'every setting; the plot goes to --out')
     p.set_defaults(func=_bench_alignment)
 
 
@@ -374,6 +379,8 @@ def _demo(args):
 
 def _bench_alignment(args):
     from rko_ros.demo.bench import run_alignment_bench
+    if args.merge:
+        return _merge_bench(args)
     if args.guard_tolerance is None:
         args.no_guard = True   # the comparison is of the methods as published unless asked
     for key, value in (_BENCH_QUICK if args.quick else _BENCH_DEFAULTS).items():
@@ -388,6 +395,35 @@ def _bench_alignment(args):
     result = run_alignment_bench(cfg, args.methods, args.labels, args.seeds, args.eval_episodes)
     from rko_ros.demo.pipeline import as_jsonable
     from rko_ros.demo.report import bench_table
+    print(bench_table(result))
+    if args.json:
+        print(json.dumps(as_jsonable(result)))
+    return 0
+
+
+def read_bench_line(path):
+    """The last JSON line of a file holding `rko bench alignment --json` output."""
+    try:
+        with open(path) as f:
+            lines = [ln for ln in f.read().splitlines() if ln.strip()]
+    except OSError as exc:
+        raise RkoError(f'cannot read {path}: {exc.strerror}') from None
+    try:
+        result = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        result = None
+    if not isinstance(result, dict) or result.get('bench') != 'alignment' or 'runs' not in result:
+        raise RkoError(f'{path} does not end with the JSON line of `rko bench alignment --json`')
+    return result
+
+
+def _merge_bench(args):
+    from rko_ros.demo.bench import merge_results
+    from rko_ros.demo.pipeline import as_jsonable, ensure_dir
+    from rko_ros.demo.report import bench_table
+    results = [read_bench_line(path) for path in args.merge]
+    ensure_dir(args.out)
+    result = merge_results(results, os.path.join(args.out, 'alignment_bench.png'))
     print(bench_table(result))
     if args.json:
         print(json.dumps(as_jsonable(result)))

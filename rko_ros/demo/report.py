@@ -125,9 +125,12 @@ def write_demo_report(cfg, summary, labelled, after):
 
 
 def bench_table(result):
+    per_cell = sorted({len(cell.get('preferred_success_runs', [])) for row in result['table'].values()
+                       for cell in row.values()} - {0}) or [result['seeds']]
+    seeds = str(per_cell[0]) if len(per_cell) == 1 else f'{per_cell[0]}-{per_cell[-1]}'
     lines = ['', f"rko bench alignment: preferred '{result['preferred_style']}', "
                  f"pretrained success {_pct(result['pretrained']['preferred_success']).strip()}, "
-                 f"{result['seeds']} seeds x {result['eval_episodes']} evaluation episodes", '']
+                 f"{seeds} seeds x {result['eval_episodes']} evaluation episodes", '']
     header = f"  {'method':8}" + ''.join(f"{f'{n} labels':>23}   " for n in result['labels'])
     lines += [header, '  ' + '-' * (len(header) - 2)]
     errors = []
@@ -135,7 +138,9 @@ def bench_table(result):
         row = f'  {method:8}'
         for n in result['labels']:
             cell = result['table'][method][str(n)]
-            if cell['preferred_success_mean'] is None:
+            if cell['preferred_success_mean'] is None and not cell.get('errors'):
+                row += f"{'not run':>10}{'':16}"      # a merge of runs that split the sweep
+            elif cell['preferred_success_mean'] is None:
                 row += f"{'failed':>10}{'':16}"
                 errors += [f'{method} at {n} labels: {e}' for e in cell.get('errors', [])]
             else:
@@ -151,5 +156,9 @@ def bench_table(result):
               f"  rko ahead of {', '.join(result['rko_ahead_of']) or 'none'} at the largest label "
               f"count; by more than two standard errors: "
               f"{', '.join(result.get('rko_ahead_beyond_two_se_of', [])) or 'none'}",
+              *[f"    at {n} labels: ahead of {', '.join(lead['ahead_of']) or 'none'}; beyond two "
+                f"standard errors: {', '.join(lead['beyond_two_se_of']) or 'none'}"
+                for n, lead in result.get('rko_ahead_by_labels', {}).items()
+                if len(result['labels']) > 1],
               f"  plot {result.get('plot', '')}"]
     return '\n'.join(lines)
