@@ -284,6 +284,8 @@ def test_quick_alignment_bench_uses_quick_sizes_and_reports_failed_cells(tmp_pat
     assert 'by more than two standard errors' in result.stdout
     bad = subprocess.run(cmd[:-1] + ['--seeds', '0'], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and '--seeds 0 must be >= 1' in bad.stderr
+    bad = subprocess.run(cmd[:-1] + ['--first-seed', '-1'], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and '--first-seed -1 must be >= 0' in bad.stderr
 
 
 def test_bench_says_which_leads_the_runs_can_tell():
@@ -359,6 +361,15 @@ def test_bench_merge_combines_runs_split_over_processes(tmp_path):
         merge_results([sweep, other_base])
     with pytest.raises(RkoError, match='lambda_retrieved'):
         merge_results([sweep, dict(twenty, lambda_retrieved=0.0)])
+    # The next seed from another process (--first-seed 1); seed 0 rerun there, named anew.
+    seed1 = _bench_line(['rko', 'sft'], [40], [('rko', 40, 1, 0.925), ('sft', 40, 1, 0.85)],
+                        first_seed=1)
+    rerun = dict(sweep, runs=[dict(r, version='v0042-rko') for r in sweep['runs']])
+    both = merge_results([sweep, seed1, rerun])
+    assert both['table']['rko']['40']['preferred_success_runs'] == [0.875, 0.925]
+    assert both['table']['kto']['40']['preferred_success_runs'] == [0.85]
+    assert both['seeds'] == 2 and len(both['runs']) == 9 + 2
+    assert both['rko_ahead_by_labels']['40']['ahead_of'] == ['sft', 'kto']
     clash = _bench_line(['rko'], [40], [('rko', 40, 0, 0.8)])
     with pytest.raises(RkoError, match='rko at 40 labels, seed 0, is in two results with '
                                        'different numbers'):

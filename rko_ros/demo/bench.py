@@ -42,7 +42,9 @@ def evaluate_version(cfg, version_dir, eval_episodes, seed=0):
     return offline.summarize([e['result'] for e in episodes], cfg.preferred_style)
 
 
-def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progress=True):
+def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progress=True, first_seed=0):
+    """Fine-tuning seeds first_seed .. first_seed + seeds - 1 (another process or machine can run
+    the next ones; `merge_results` puts them together)."""
     from tqdm import tqdm
     from rko_ros.alignment.trainer import FinetuneConfig, finetune
     from rko_ros.demo.commands import _pretrained
@@ -66,7 +68,7 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
     for n in label_counts:
         data = labelled_data(episodes[:n], labels[:n], policy_config)
         for method in methods:
-            for s in range(seeds):
+            for s in range(first_seed, first_seed + seeds):
                 row = {'method': method, 'labels': n, 'seed': s,
                        'desirable': int(sum(labels[:n]))}
                 try:
@@ -98,7 +100,8 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
     bar.close()
     table = summarize_runs(runs, methods, label_counts, eval_episodes)
     result = {'bench': 'alignment', 'preferred_style': cfg.preferred_style, 'methods': list(methods),
-              'labels': label_counts, 'seeds': seeds, 'eval_episodes': eval_episodes,
+              'labels': label_counts, 'seeds': seeds, 'first_seed': first_seed,
+              'eval_episodes': eval_episodes,
               'finetune_steps': cfg.finetune_steps, 'finetune_lr': cfg.finetune_lr,
               'lambda_sft': cfg.lambda_sft,
               'finetune_select': cfg.finetune_select, 'finetune_ema_decay': cfg.finetune_ema_decay,
@@ -149,15 +152,15 @@ def leads(table, methods, label_counts):
 
 
 # What a merge recomputes from the runs; every other key of the JSON lines must agree.
-_MERGED_KEYS = ('methods', 'labels', 'seeds', 'table', 'runs', 'rko_ahead_of',
+_MERGED_KEYS = ('methods', 'labels', 'seeds', 'first_seed', 'table', 'runs', 'rko_ahead_of',
                 'rko_ahead_beyond_two_se_of', 'rko_ahead_by_labels', 'plot')
 
 
 def merge_results(results, plot_path=None):
     """One bench result from several runs of `rko bench alignment` that share the pretrained
     model, its labelled rollouts and every setting (methods, label counts or seeds split over
-    processes or machines). A run of the same method, label count and seed found twice must
-    have the same numbers. Raises RkoError naming what differs."""
+    processes or machines, each on its own copy of the bench folder). A run of the same method,
+    label count and seed found twice must have the same numbers. Raises RkoError naming what differs."""
     from rko_ros.errors import RkoError
     if not results:
         raise RkoError('nothing to merge')
@@ -176,7 +179,7 @@ def merge_results(results, plot_path=None):
         for run in result['runs']:
             key = (run['method'], run['labels'], run['seed'])
             if key in seen:
-                if seen[key] != run:
+                if _numbers(seen[key]) != _numbers(run):
                     raise RkoError(f'{key[0]} at {key[1]} labels, seed {key[2]}, is in two results '
                                    'with different numbers: not one setting (was the code changed '
                                    'between them?)')
@@ -188,11 +191,19 @@ def merge_results(results, plot_path=None):
     merged = {k: v for k, v in first.items() if k not in _MERGED_KEYS}
     runs.sort(key=lambda r: (r['labels'], methods.index(r['method']), r['seed']))
     table = summarize_runs(runs, methods, label_counts, first['eval_episodes'])
-    merged.update(methods=methods, labels=label_counts, seeds=max(r['seeds'] for r in results),
+    per_cell = {}
+    for r in runs:
+        per_cell.setdefault((r['method'], r['labels']), set()).add(r['seed'])
+    merged.update(methods=methods, labels=label_counts, seeds=max(map(len, per_cell.values())),
                   table=table, **leads(table, methods, label_counts), runs=runs)
     if plot_path:
         merged['plot'] = _plot(merged, plot_path)
     return merged
+
+
+def _numbers(run):
+    """A run row without its model version's name (a rerun in another store is named anew)."""
+    return {k: v for k, v in run.items() if k != 'version'}
 
 
 def standard_error(runs, episodes_per_run):

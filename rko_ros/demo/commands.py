@@ -76,6 +76,9 @@ def register_bench(bench_subparsers):
     p.add_argument('--labels', nargs='+', type=int,
                    help='numbers of labelled episodes to sweep (default 10 20; --quick 2 4)')
     p.add_argument('--seeds', type=int, help='fine-tuning seeds per setting (default 2; --quick 1)')
+    p.add_argument('--first-seed', type=int, default=0,
+                   help='first fine-tuning seed (default 0): another process or machine can run '
+                        'seeds 2.. of the same sweep (--first-seed 2) for --merge')
     p.add_argument('--eval-episodes', type=int,
                    help='evaluation rollouts per fine-tuned version (default 30; --quick 2)')
     p.add_argument('--finetune-steps', type=int,
@@ -106,8 +109,9 @@ def register_bench(bench_subparsers):
     p.add_argument('--merge', nargs='+', metavar='FILE',
                    help='train nothing: combine the JSON lines of earlier runs (files holding '
                         'their --json output) into one table, e.g. methods or label counts split '
-                        'over processes or machines. They must share the pretrained model and '
-                        'every setting; the plot goes to --out')
+                        'over processes or machines (each on its own copy of --out, so the '
+                        'pretrained model is shared). They must share that model and every '
+                        'setting; the plot goes to --out')
     p.set_defaults(func=_bench_alignment)
 
 
@@ -389,10 +393,13 @@ def _bench_alignment(args):
     for key in ('seeds', 'eval_episodes'):
         if getattr(args, key) < 1:
             raise RkoError(f'--{key.replace("_", "-")} {getattr(args, key)} must be >= 1')
+    if args.first_seed < 0:
+        raise RkoError(f'--first-seed {args.first_seed} must be >= 0')
     if min(args.labels) < 1:
         raise RkoError(f'--labels {args.labels}: every count must be >= 1')
     cfg = _config(args)
-    result = run_alignment_bench(cfg, args.methods, args.labels, args.seeds, args.eval_episodes)
+    result = run_alignment_bench(cfg, args.methods, args.labels, args.seeds, args.eval_episodes,
+                                 first_seed=args.first_seed)
     from rko_ros.demo.pipeline import as_jsonable
     from rko_ros.demo.report import bench_table
     print(bench_table(result))
