@@ -249,12 +249,15 @@ def _plot(result, path):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in result['methods']:
-        ys = [result['table'][method][str(n)]['preferred_success_mean'] for n in result['labels']]
-        ax.plot(result['labels'], [np.nan if y is None else y for y in ys], 'o-', label=method)
+        cells = [result['table'][method][str(n)] for n in result['labels']]
+        ys = [np.nan if c['preferred_success_mean'] is None else c['preferred_success_mean']
+              for c in cells]
+        errors = [c.get('preferred_success_se') or 0.0 for c in cells]   # one standard error
+        ax.errorbar(result['labels'], ys, yerr=errors, fmt='o-', capsize=3, label=method)
     ax.axhline(result['pretrained']['preferred_success'], color='grey', ls=':', label='pretrained')
     ax.axhline(0.9, color='k', lw=0.8, ls='--')
     ax.set_xlabel('labelled episodes')
-    ax.set_ylabel('preferred-style success')
+    ax.set_ylabel('preferred-style success (+- 1 s.e.)')
     ax.set_ylim(0, 1.05)
     ax.legend()
     fig.tight_layout()
