@@ -370,6 +370,8 @@ def test_bench_merge_combines_runs_split_over_processes(tmp_path):
     assert both['table']['kto']['40']['preferred_success_runs'] == [0.85]
     assert both['seeds'] == 2 and len(both['runs']) == 9 + 2
     assert both['rko_ahead_by_labels']['40']['ahead_of'] == ['sft', 'kto']
+    with pytest.raises(RkoError, match='result 1 is not an alignment bench result'):
+        merge_results([{'bench': 'inference'}, sweep])
     clash = _bench_line(['rko'], [40], [('rko', 40, 0, 0.8)])
     with pytest.raises(RkoError, match='rko at 40 labels, seed 0, is in two results with '
                                        'different numbers'):

@@ -165,8 +165,8 @@ def merge_results(results, plot_path=None):
     if not results:
         raise RkoError('nothing to merge')
     first = results[0]
-    for i, other in enumerate(results[1:], start=2):
-        if other.get('bench') != 'alignment':
+    for i, other in enumerate(results, start=1):
+        if other.get('bench') != 'alignment' or 'runs' not in other:
             raise RkoError(f'result {i} is not an alignment bench result')
         keys = (set(first) | set(other)) - set(_MERGED_KEYS)
         differ = sorted(k for k in keys if first.get(k) != other.get(k))
