@@ -10,7 +10,7 @@ import numpy as np
 
 from rko_ros.demo import offline, pipeline
 from rko_ros.demo.report import binomial_standard_error
-from rko_ros.errors import GuardRejected
+from rko_ros.errors import GuardRejected, RkoError
 
 
 def labelled_rollouts(cfg, version_dir, count):
@@ -161,7 +161,6 @@ def merge_results(results, plot_path=None):
     model, its labelled rollouts and every setting (methods, label counts or seeds split over
     processes or machines, each on its own copy of the bench folder). A run of the same method,
     label count and seed found twice must have the same numbers. Raises RkoError naming what differs."""
-    from rko_ros.errors import RkoError
     if not results:
         raise RkoError('nothing to merge')
     first = results[0]

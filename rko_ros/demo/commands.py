@@ -400,10 +400,15 @@ def _bench_alignment(args):
     cfg = _config(args)
     result = run_alignment_bench(cfg, args.methods, args.labels, args.seeds, args.eval_episodes,
                                  first_seed=args.first_seed)
+    return _print_bench(result, args.json)
+
+
+def _print_bench(result, as_json):
+    """The bench's table, and its JSON line with --json (a run or a merge)."""
     from rko_ros.demo.pipeline import as_jsonable
     from rko_ros.demo.report import bench_table
     print(bench_table(result))
-    if args.json:
+    if as_json:
         print(json.dumps(as_jsonable(result)))
     return 0
 
@@ -426,12 +431,8 @@ def read_bench_line(path):
 
 def _merge_bench(args):
     from rko_ros.demo.bench import merge_results
-    from rko_ros.demo.pipeline import as_jsonable, ensure_dir
-    from rko_ros.demo.report import bench_table
+    from rko_ros.demo.pipeline import ensure_dir
     results = [read_bench_line(path) for path in args.merge]
     ensure_dir(args.out)
-    result = merge_results(results, os.path.join(args.out, 'alignment_bench.png'))
-    print(bench_table(result))
-    if args.json:
-        print(json.dumps(as_jsonable(result)))
-    return 0
+    return _print_bench(merge_results(results, os.path.join(args.out, 'alignment_bench.png')),
+                        args.json)
