@@ -7,7 +7,7 @@ import pytest
 from rko_ros.policy.runtime import PolicyRuntime
 from rko_ros.policy.store import ModelStore
 from rko_ros.ros.control import (ActionScheduler, ObservationBuffer, PolicyController, SafetyGate,
-                                 TickStats)
+                                 TickStats, TickThread)
 from ros_testing import add_version
 
 
@@ -176,3 +176,37 @@ def test_controller_samples_at_its_noise_scale(runtime):
         assert all(in_reference) if scale == 0.0 else not any(in_reference)
     with pytest.raises(ConfigError, match='noise_scale=3.0 must be 0..2'):
         PolicyController(runtime, ['camera'], 1, 8, 16, 10.0, 0.3, noise_scale=3.0)
+
+
+def test_tick_thread_keeps_deadlines_on_the_grid_and_skips_what_it_missed():
+    ticker = TickThread(10.0, tick=lambda: None)
+    # On time, or late by less than a period: the next deadline is one period on, not from now.
+    assert ticker.next_deadline(1.0, now_s=1.001) == pytest.approx(1.1)
+    assert ticker.next_deadline(1.0, now_s=1.15) == pytest.approx(1.1)
+    assert ticker.skipped == 0
+    # Starved for 0.35 s past the deadline it just served: 1.1 and 1.2 are gone, the next is 1.3.
+    assert ticker.next_deadline(1.0, now_s=1.35) == pytest.approx(1.3)
+    assert ticker.skipped == 2
+
+
+def test_tick_thread_ticks_at_its_rate_survives_a_failing_tick_and_stops():
+    times, errors = [], []
+
+    def tick():
+        times.append(time.monotonic())
+        if len(times) == 3:
+            raise RuntimeError('bad tick')
+
+    ticker = TickThread(50.0, tick, on_error=errors.append).start()
+    time.sleep(0.6)
+    ticker.stop()
+    n = len(times)
+    time.sleep(0.1)
+    assert not ticker.running and len(times) == n        # nothing after stop()
+    assert [str(e) for e in errors] == ['bad tick']      # reported, and the ticks went on
+    # 0.6 s at 50 Hz is 30 deadlines: never more (no bursts), and a loaded CI runner still gets
+    # most of them.
+    assert 12 <= n <= 31, n
+    intervals = np.diff(times)
+    assert intervals.min() > 0.0
+    assert np.median(intervals) == pytest.approx(0.02, abs=0.005)

@@ -43,11 +43,13 @@ def test_episode_stops_itself_at_max_episode_s(tmp_path):
         assert proc.stop() == 0, proc.output()
 
 
-def test_policy_without_a_model_holds_until_reload_then_acts_on_jpeg(tmp_path):
-    ns = 'rko_cold'
+@pytest.mark.parametrize('tick_source', ['thread', 'ros_timer'])
+def test_policy_without_a_model_holds_until_reload_then_acts_on_jpeg(tmp_path, tick_source):
+    ns = f'rko_cold_{tick_source}'
     proc = NodeProcess.module('rko_ros.ros.policy_node', {
         'data_dir': str(tmp_path), 'image_transport': 'compressed', 'image_resize': True,
-        'status_rate_hz': 10.0, 'action_type': 'float64_multi_array'}, tmp_path / 'policy.log', namespace=ns)
+        'status_rate_hz': 10.0, 'action_type': 'float64_multi_array', 'tick_source': tick_source},
+        tmp_path / 'policy.log', namespace=ns)
     client = Client('cold_client')
     client.subscribe(Float64MultiArray, f'/{ns}/action')
     client.subscribe(DiagnosticStatus, f'/{ns}/policy/status')

@@ -22,14 +22,6 @@ from rko_ros.ros.sim_node import SimNode
 HOME_XY = (0.0, -0.24)
 
 
-@pytest.fixture
-def context():
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    yield ctx
-    ctx.try_shutdown()
-
-
 class Probe:
     """The other side of the wire: a node that listens, commands and calls services."""
 
@@ -116,6 +108,17 @@ def test_publishes_camera_and_executes_trajectory_actions(context):
         assert reply.success and reply.message == '5'
         assert probe.spin_until(lambda: np.allclose(probe.gripper(), [*HOME_XY, 0.0], atol=1e-6))
         assert json.loads(probe.call('sim/evaluate').message)['tick'] < 10
+        # Frames of an unchanged scene are drawn once and stamped anew: after the reset they
+        # show the new cloth, exactly as rendered, not the last frame of the old one.
+        n = len(probe.images)
+        assert probe.spin_until(lambda: len(probe.images) >= n + 2)
+        frames = [np.frombuffer(bytes(m.data), np.uint8).reshape(64, 64, 3)
+                  for m in probe.images[-2:]]
+        np.testing.assert_array_equal(frames[-1], probe.sim.task.render())
+        np.testing.assert_array_equal(frames[0], frames[1])
+        assert np.abs(frames[-1].astype(int) - moved_image.astype(int)).sum() > 0
+        stamps = [m.header.stamp.sec * 10**9 + m.header.stamp.nanosec for m in probe.images[-2:]]
+        assert stamps[1] > stamps[0]
     finally:
         probe.close()
 

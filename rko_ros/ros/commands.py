@@ -31,9 +31,11 @@ def default_config_path():
 def register(subparsers):
     p = subparsers.add_parser(
         'up', help='run policy_node, episode_node and trainer_node in one process',
-        description='Start the rko_ros nodes in one process on a MultiThreadedExecutor, with '
-                    'parameters from config/rko.yaml: what `ros2 launch rko_ros rko.launch.py` '
-                    'does, for machines without ros2 launch. Ctrl-C stops them.')
+        description='Start the rko_ros nodes in one process, with parameters from '
+                    'config/rko.yaml: what `ros2 launch rko_ros rko.launch.py` does, for machines '
+                    'without ros2 launch. Callbacks run on one thread, service requests on '
+                    '--threads more (rko_ros.ros.executor), policy_node\'s control tick on its '
+                    'own. Ctrl-C stops them.')
     p.add_argument('--data-dir', default=_default_data_dir(),
                    help='data folder (models/, episodes/, catalog.sqlite) (default $RKO_DATA_DIR '
                         'or ./data)')
@@ -43,8 +45,9 @@ def register(subparsers):
     p.add_argument('--sim', action='store_true', help='also run sim_node (the simulated cloth)')
     p.add_argument('--nodes', nargs='+', default=list(NODES), choices=NODES,
                    help='which nodes to run (default: all three)')
-    p.add_argument('--threads', type=int, default=None,
-                   help='executor threads (default: one per CPU)')
+    p.add_argument('--threads', type=int, default=2,
+                   help='threads that answer service requests, so that a slow one (a model '
+                        'load) never holds up camera callbacks (default 2)')
     p.add_argument('ros_args', nargs='*',
                    help='after `--`: more ROS arguments for every node in the process, e.g. '
                         '-- --ros-args -p max_obs_age_s:=0.3 (per-node values: --config)')
@@ -106,14 +109,17 @@ def build_nodes(data_dir, which=NODES, sim=False):
 
 def _up(args):
     import rclpy
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.executors import ExternalShutdownException
+    from rko_ros.ros.executor import ServiceThreadsExecutor
     from rko_ros.ros.params import spin
+    if args.threads < 1:
+        raise ConfigError(f'--threads {args.threads}: give at least 1')
     config = args.config or default_config_path()
     nodes = []
     try:
         with rclpy.init(args=_init_args(config, args.namespace, args.ros_args)):
             nodes = build_nodes(args.data_dir, args.nodes, args.sim)
-            executor = MultiThreadedExecutor(num_threads=args.threads)
+            executor = ServiceThreadsExecutor(args.threads)
             for node in nodes:
                 executor.add_node(node)
             print(f'rko up: {", ".join(n.get_fully_qualified_name() for n in nodes)} running '
@@ -133,13 +139,13 @@ def _up(args):
 def _bench_control_loop(args):
     import numpy as np
     import rclpy
-    from rclpy.executors import MultiThreadedExecutor
     from rclpy.parameter import Parameter
     import threading
     import torch
     from rko_ros.policy.config import PolicyConfig
     from rko_ros.policy.model import DiffusionPolicy
     from rko_ros.policy.store import ModelStore
+    from rko_ros.ros.executor import ServiceThreadsExecutor
     from rko_ros.ros.policy_node import PolicyNode
 
     torch.manual_seed(0)
@@ -171,7 +177,7 @@ def _bench_control_loop(args):
                     Parameter('camera_names', Parameter.Type.STRING_ARRAY,
                               list(config.obs.camera_names)),
                     Parameter('status_rate_hz', Parameter.Type.DOUBLE, 0.5)])
-                executor = MultiThreadedExecutor(num_threads=4)
+                executor = ServiceThreadsExecutor()
                 executor.add_node(node)
                 spinner = threading.Thread(target=executor.spin, daemon=True)
                 spinner.start()
@@ -187,8 +193,8 @@ def _bench_control_loop(args):
                 refused_before = dict(controller.gate.counts)
                 time.sleep(args.seconds)
                 result = controller.stats.summary()
-                executor.shutdown()
                 node.close()
+                executor.shutdown()
                 node.destroy_node()
         finally:
             sim.terminate()

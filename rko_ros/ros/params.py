@@ -96,10 +96,11 @@ def spin(executor):
             raise
 
 
-def run_node(node_factory, args=None, executor_threads=None):
+def run_node(node_factory, args=None, service_threads=2):
     """The shared `main`: init, build the node (ConfigError: one line, exit 2), spin, shut down."""
     import rclpy
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.executors import ExternalShutdownException
+    from rko_ros.ros.executor import ServiceThreadsExecutor
     try:
         with rclpy.init(args=args):
             try:
@@ -107,7 +108,7 @@ def run_node(node_factory, args=None, executor_threads=None):
             except ConfigError as exc:
                 print(f'error: {exc}', file=sys.stderr)
                 return 2
-            executor = MultiThreadedExecutor(num_threads=executor_threads)
+            executor = ServiceThreadsExecutor(service_threads)
             executor.add_node(node)
             try:
                 spin(executor)

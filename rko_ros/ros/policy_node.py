@@ -1,8 +1,9 @@
 """policy_node: runs the active model version at `control_rate_hz` and publishes one action a tick.
 
 A thin shell over `rko_ros.ros.control.PolicyController`: subscriptions turn camera frames and
-joint states into numpy arrays (sensor-data QoS, depth 1: only the newest frame matters), a timer
-on its own callback group asks the controller for this tick's action, and inference runs on the
+joint states into numpy arrays (sensor-data QoS, depth 1: only the newest frame matters), a thread
+of its own (`control.TickThread`, steady-clock deadlines; `tick_source: ros_timer` for a ROS timer
+that follows /clock) asks the controller for each tick's action, and inference runs on the
 controller's worker thread, so a slow chunk never delays a tick. Services: `policy/enable`
 (SetBool), `policy/reload` (newest version), `policy/rollback` (previous version): both load and
 check the new model beside the running one and swap between two ticks; a broken file leaves the
@@ -25,7 +26,7 @@ from std_srvs.srv import SetBool, Trigger
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from rko_ros.errors import ConfigError, ModelFileError, RkoError
-from rko_ros.ros.control import PolicyController
+from rko_ros.ros.control import PolicyController, TickThread
 from rko_ros.ros.image_conversion import to_model_input
 from rko_ros.ros.params import (Param, declare_all, default_data_dir, flat_limits,
                                 guarded_service, run_node)
@@ -66,6 +67,11 @@ PARAMETERS = {
                          'which also shifts which behaviour the policy picks (0: deterministic); '
                          'compare models at one scale, see README',
                          range=(0.0, 2.0)),
+    'tick_source': Param('thread', 'thread: control ticks on a thread of their own at steady-clock '
+                         'deadlines (p99 jitter well under 2 ms); ros_timer: a ROS timer in the '
+                         'executor, which follows the ROS clock (use_sim_time with a simulator '
+                         'publishing /clock) but waits for the executor (ms of delay)',
+                         choices=('thread', 'ros_timer')),
     'cuda_graph': Param(True, 'on the CUDA provider, run each chunk as one captured CUDA graph '
                         '(batch 1, captured at load); when ONNX Runtime cannot capture a model '
                         'the node logs why and runs it without'),
@@ -123,8 +129,13 @@ class PolicyNode(Node):
         guarded_service(self, Trigger, 'policy/rollback', self._on_rollback,
                         callback_group=self.service_group)
         self.period_s = 1.0 / p['control_rate_hz']
-        self.tick_timer = self.create_timer(self.period_s, self._on_tick,
-                                            callback_group=self.tick_group)
+        self.tick_timer = self.tick_thread = None
+        if p['tick_source'] == 'ros_timer':
+            self.tick_timer = self.create_timer(self.period_s, self._on_tick,
+                                                callback_group=self.tick_group)
+        else:
+            self.tick_thread = TickThread(p['control_rate_hz'], self._on_tick,
+                                          on_error=self._on_tick_error).start()
         self.status_timer = self.create_timer(1.0 / p['status_rate_hz'], self._publish_status,
                                               callback_group=self.service_group)
         self.get_logger().info(
@@ -299,6 +310,10 @@ class PolicyNode(Node):
             msg = Float64MultiArray(data=[float(v) for v in action])
         self.action_pub.publish(msg)
 
+    def _on_tick_error(self, exc):
+        self.get_logger().error(f'control tick failed: {type(exc).__name__}: {exc}',
+                                throttle_duration_sec=5.0)
+
     def _log(self, level, text):
         # rclpy ties a severity to each logging call site: one call per severity.
         if level == 'warn':
@@ -322,6 +337,8 @@ class PolicyNode(Node):
         self.status_pub.publish(msg)
 
     def close(self):
+        if self.tick_thread is not None:
+            self.tick_thread.stop()
         self.controller.close()
 
 

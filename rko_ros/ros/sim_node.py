@@ -111,6 +111,7 @@ class SimNode(Node):
             control_rate_hz=p['control_rate_hz'], episode_ticks=p['episode_ticks'],
             quality_threshold=p['quality_threshold']))
         self._next_seed = p['seed']
+        self._scene_changes, self._frame = 0, None   # the last frame drawn and of which scene
         self._reset_episode()
         self.image_pub = self.create_publisher(Image, p['camera_topic'], qos_profile_sensor_data)
         self.joint_pub = self.create_publisher(JointState, p['joint_state_topic'], 10)
@@ -153,6 +154,7 @@ class SimNode(Node):
     def _reset_episode(self):
         self._hold_logged = False
         self.task.reset(self._next_seed)
+        self._scene_changes += 1
         self._next_seed += 1
         # Hold where the gripper is, open, until the first action arrives.
         self.target = self.task.state().astype(float)
@@ -201,7 +203,7 @@ class SimNode(Node):
         self.target = target
         self.actions_received += 1
         if self.params['step_on_action']:
-            self.task.step(self.target)
+            self._step()
             self._last_action_step = time.monotonic()
             self._publish_image()
             self._publish_joints()
@@ -230,7 +232,11 @@ class SimNode(Node):
                 self.task.tick == 0 or
                 time.monotonic() - self._last_action_step < 1.5 / self.params['control_rate_hz']):
             return  # the action stream is stepping the sim
+        self._step()
+
+    def _step(self):
         self.task.step(self.target)
+        self._scene_changes += 1
 
     def _on_camera_tick(self):
         if self.params['step_on_action'] and \
@@ -239,7 +245,12 @@ class SimNode(Node):
         self._publish_image()
 
     def _publish_image(self):
-        self.image_pub.publish(image_message(self.task.render(), self.get_clock().now().to_msg(),
+        # The renderer is deterministic: a scene that has not moved since the last frame (between
+        # episodes, while a fine-tuning runs) is not drawn again, only stamped anew. Rendering
+        # was most of an idle `rko up --sim`'s CPU.
+        if self._frame is None or self._frame[0] != self._scene_changes:
+            self._frame = (self._scene_changes, self.task.render())
+        self.image_pub.publish(image_message(self._frame[1], self.get_clock().now().to_msg(),
                                              self.params['camera_frame_id']))
 
     def _publish_joints(self):
