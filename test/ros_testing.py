@@ -97,11 +97,13 @@ class Client:
 
     def __init__(self, name='rko_test_client'):
         import rclpy
-        from rclpy.executors import MultiThreadedExecutor
+        from rko_ros.ros.executor import ServiceThreadsExecutor
         if not rclpy.ok():
             rclpy.init()
         self.node = rclpy.create_node(name)
-        self.executor = MultiThreadedExecutor(num_threads=2)
+        # Callbacks inline: rclpy's MultiThreadedExecutor would burn most of a core of the
+        # 2-core runner that the nodes under test need.
+        self.executor = ServiceThreadsExecutor(1)
         self.executor.add_node(self.node)
         self._thread = threading.Thread(target=self.executor.spin, daemon=True)
         self._thread.start()
