@@ -213,7 +213,9 @@ class TickThread:
     policy_node's control tick runs here rather than on a ROS timer: a timer callback waits for
     the executor's thread to notice it, build a wait set and dispatch it, and in rclpy that Python
     work put 8-14 ms of delay on a 10 Hz tick at the median (see `executor`). Here only the GIL
-    stands between the deadline and the tick (policy_node sets a 0.5 ms switch interval).
+    (policy_node sets a 0.5 ms switch interval) and the CPU's other work stand between the
+    deadline and the tick: on the 2-core development machine a simulator on the same cores put
+    p99 at 3-17 ms, at 0.6-0.8 ms when it left them alone.
 
     Deadlines stay on the grid start + k / rate_hz: a tick that starts late does not shift the
     ticks after it; a thread more than one period behind (the process was stopped, the machine

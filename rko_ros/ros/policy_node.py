@@ -68,7 +68,8 @@ PARAMETERS = {
                          'compare models at one scale, see README',
                          range=(0.0, 2.0)),
     'tick_source': Param('thread', 'thread: control ticks on a thread of their own at steady-clock '
-                         'deadlines (p99 jitter well under 2 ms); ros_timer: a ROS timer in the '
+                         'deadlines (no missed tick, sub-ms median jitter measured on 2 cores); '
+                         'ros_timer: a ROS timer in the '
                          'executor, which follows the ROS clock (use_sim_time with a simulator '
                          'publishing /clock) but waits for the executor (ms of delay)',
                          choices=('thread', 'ros_timer')),
