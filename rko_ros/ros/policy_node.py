@@ -109,7 +109,6 @@ class PolicyNode(Node):
                                              'receipt if that sensor\'s clock is not this one)')
 
         self.obs_group = MutuallyExclusiveCallbackGroup()
-        self.tick_group = MutuallyExclusiveCallbackGroup()
         self.service_group = MutuallyExclusiveCallbackGroup()
         image_type = Image if p['image_transport'] == 'raw' else CompressedImage
         self.image_subs = [
@@ -133,7 +132,7 @@ class PolicyNode(Node):
         self.tick_timer = self.tick_thread = None
         if p['tick_source'] == 'ros_timer':
             self.tick_timer = self.create_timer(self.period_s, self._on_tick,
-                                                callback_group=self.tick_group)
+                                                callback_group=MutuallyExclusiveCallbackGroup())
         else:
             self.tick_thread = TickThread(p['control_rate_hz'], self._on_tick,
                                           on_error=self._on_tick_error).start()
