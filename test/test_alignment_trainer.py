@@ -118,7 +118,7 @@ def test_centred_similarity_weights_single_out_the_decision(decide_execute):
                                     progress=False)
         idx = np.arange(len(data.label))
         t, eps = trainer.policy.sample_timesteps_and_noise(len(idx))
-        _, _, z = trainer._errors(trainer._batch(idx), t, eps)
+        _, _, z, _ = trainer._errors(trainer._batch(idx), t, eps)
         rng = np.random.default_rng(0)
         dec_w, exe_w = [], []
         for _ in range(100):

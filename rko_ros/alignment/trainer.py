@@ -340,25 +340,37 @@ class PreferenceTrainer:
                        self.augment, self.rng)
 
     # --- one step ------------------------------------------------------------------------
-    def _errors(self, batch, t, eps, model=None):
-        """e_theta (with grad) and e_ref (no grad), same (a_t, t, eps); plus the reference embedding."""
+    def _errors(self, batch, t, eps, model=None, extra=None):
+        """e_theta (with grad) and e_ref (no grad), same (a_t, t, eps); plus the reference embedding.
+
+        `extra` ((batch, t, eps) of more windows, e.g. the retrieval anchor's) joins the model's
+        forward pass, so the step runs the network once; its errors come fourth (None without)."""
         model = model or self.model
         with torch.no_grad():
             cond_ref = self.reference.encode_obs(batch['images'], batch['state'])
             e_ref = self.reference.denoise_error(batch, t, eps, self.cfg.reduction, global_cond=cond_ref)
+        n = len(t)
+        if extra is not None:
+            batch = {k: torch.cat([v, extra[0][k]]) for k, v in batch.items()}
+            t, eps = torch.cat([t, extra[1]]), torch.cat([eps, extra[2]])
         if model is self.model and self.world_size > 1:
-            e_theta = model(batch, t, eps, self.cfg.reduction)  # DDP forward = denoise_error
+            e_all = model(batch, t, eps, self.cfg.reduction)  # DDP forward = denoise_error
         else:
-            # Frozen encoders are the reference's, so its encoding is this model's too.
-            e_theta = model.denoise_error(batch, t, eps, self.cfg.reduction,
-                                          global_cond=cond_ref if self.cfg.freeze_encoder else None)
+            # Frozen encoders are the reference's, so its encoding is this model's too (_extra
+            # draws nothing then).
+            e_all = model.denoise_error(batch, t, eps, self.cfg.reduction,
+                                        global_cond=cond_ref if self.cfg.freeze_encoder else None)
+        e_theta, e_extra = e_all[:n], (e_all[n:] if extra is not None else None)
+        if extra is not None and self.cfg.reduction == 'sum':
+            # The anchor is a per-dimension mean whatever the method's reduction.
+            e_extra = e_extra / (self.policy.config.action.horizon * self.policy.config.action.action_dim)
         if self.z_center is not None:
             centred = cond_ref - self.z_center
             # Windows that sit on the centre (e.g. every window shows the same scene) would be
             # normalised rounding noise: they get the zero vector, i.e. no preferred neighbour.
             tiny = centred.norm(dim=-1, keepdim=True) <= 1e-4 * cond_ref.norm(dim=-1, keepdim=True)
             cond_ref = torch.where(tiny, torch.zeros_like(centred), centred)
-        return e_theta, e_ref, F.normalize(cond_ref, dim=-1)
+        return e_theta, e_ref, F.normalize(cond_ref, dim=-1), e_extra
 
     @torch.no_grad()
     def _embedding_center(self, max_windows=512, chunk=64):
@@ -464,21 +476,24 @@ class PreferenceTrainer:
             t, eps = self._preference_noise(m)
             # A pair shares t and eps; each side keeps its own observation.
             batch = self._batch(np.concatenate([w_idx, l_idx]))
-            e_theta, e_ref, z = self._errors(batch, t.repeat(2), eps.repeat(2, 1, 1))
+            extra = self._retrieval_draw(m)
+            e_theta, e_ref, z, e_r = self._errors(batch, t.repeat(2), eps.repeat(2, 1, 1), extra=extra)
             g = e_ref - e_theta
             g_w, g_l = g[:m], g[m:]
             winners = {k: v[:m] for k, v in batch.items()}
             if cfg.method == 'dpo':
-                return self._anchored(losses.dpo_loss(g_w, g_l, cfg.beta), e_theta[:m], winners)
+                return self._anchored(losses.dpo_loss(g_w, g_l, cfg.beta), e_theta[:m], winners,
+                                      retrieved=e_r)
             if cfg.method == 'rpo':
                 W = similarity_matrix(z[:m], z[m:], cfg.tau)
-                return self._anchored(losses.rpo_loss(g_w, g_l, W, cfg.beta), e_theta[:m], winners)
+                return self._anchored(losses.rpo_loss(g_w, g_l, W, cfg.beta), e_theta[:m], winners,
+                                      retrieved=e_r)
             b_idx = self.rng.integers(0, len(self.behaviour), size=m)
             b_batch = self._batch(b_idx, self.behaviour)
             tb, eb = self.policy.sample_timesteps_and_noise(m, device=self.device)
             e_behaviour = self.policy.denoise_error(b_batch, tb, eb, 'mean')
             return self._anchored(losses.fkpd_loss(g_w, g_l, e_behaviour, cfg.beta, cfg.lambda_fkl),
-                                  e_theta[:m], winners)
+                                  e_theta[:m], winners, retrieved=e_r)
         idx, q = self._balanced(n)
         # The last k undesirable windows (_balanced puts them last) come from the demonstrations
         # retrieved as like the undesirable episodes (retrieved_undesirable_share).
@@ -490,10 +505,17 @@ class PreferenceTrainer:
             batch = {key: torch.cat([v, demos[key]]) for key, v in batch.items()}
         if cfg.method == 'sft':
             t, eps = self.policy.sample_timesteps_and_noise(len(idx), device=self.device)
-            return self._retrieval_anchor(*losses.sft_loss(self.policy.denoise_error(batch, t, eps, 'mean')),
-                                          n=len(idx))
+            extra = self._retrieval_draw(len(idx))
+            if extra is None:
+                return self._retrieval_anchor(
+                    *losses.sft_loss(self.policy.denoise_error(batch, t, eps, 'mean')), n=len(idx))
+            both = {key: torch.cat([v, extra[0][key]]) for key, v in batch.items()}
+            errors = self.policy.denoise_error(both, torch.cat([t, extra[1]]),
+                                               torch.cat([eps, extra[2]]), 'mean')
+            return self._retrieval_anchor(*losses.sft_loss(errors[:len(idx)]), n=len(idx),
+                                          errors=errors[len(idx):])
         t, eps = self._preference_noise(len(idx))
-        e_theta, e_ref, z = self._errors(batch, t, eps)
+        e_theta, e_ref, z, e_r = self._errors(batch, t, eps, extra=self._retrieval_draw(int((q > 0).sum())))
         q_t = torch.as_tensor(q, device=self.device)
         g = e_ref - e_theta
         if cfg.method == 'kto':
@@ -502,18 +524,19 @@ class PreferenceTrainer:
             weights = rko_weights(z, q_t, cfg.tau)
             out = losses.rko_loss(g, q_t, weights, cfg.beta, cfg.lambda_d, cfg.lambda_u, cfg.utility)
         good = q_t > 0
-        return self._anchored(out, e_theta[good], {k: v[good] for k, v in batch.items()})
+        return self._anchored(out, e_theta[good], {k: v[good] for k, v in batch.items()}, retrieved=e_r)
 
     def _preference_noise(self, n):
         """(t, eps) for the method's own terms: t >= cfg.preference_min_timestep."""
         return self.policy.sample_timesteps_and_noise(n, device=self.device,
                                                       min_timestep=self.cfg.preference_min_timestep)
 
-    def _anchored(self, loss_and_metrics, e_theta_desirable, desirable_batch=None):
+    def _anchored(self, loss_and_metrics, e_theta_desirable, desirable_batch=None, retrieved=None):
         """The method's loss + lambda_sft * BC error (per dimension) of the desirable samples.
 
         With a preference interval the method's errors cover the high-noise timesteps only; the
-        anchor then scores `desirable_batch` afresh over every timestep."""
+        anchor then scores `desirable_batch` afresh over every timestep. `retrieved`: the
+        retrieval anchor's errors when the step's forward pass already computed them."""
         loss, metrics = loss_and_metrics
         if self.cfg.lambda_sft and self.cfg.preference_min_timestep and desirable_batch is not None \
                 and len(e_theta_desirable):
@@ -526,7 +549,7 @@ class PreferenceTrainer:
             e_b = self.policy.denoise_error(b_batch, tb, eb, 'mean').mean()
             metrics = dict(metrics, behaviour_anchor=float(e_b.detach()))
             loss = loss + self.cfg.lambda_behaviour * e_b
-        loss, metrics = self._retrieval_anchor(loss, metrics, len(e_theta_desirable))
+        loss, metrics = self._retrieval_anchor(loss, metrics, len(e_theta_desirable), retrieved)
         if not self.cfg.lambda_sft or len(e_theta_desirable) == 0:
             return loss, metrics
         per_dim = e_theta_desirable.mean()
@@ -535,14 +558,27 @@ class PreferenceTrainer:
         metrics = dict(metrics, sft_anchor=float(per_dim.detach()))
         return loss + self.cfg.lambda_sft * per_dim, metrics
 
-    def _retrieval_anchor(self, loss, metrics, n):
-        """+ lambda_retrieved * mean BC error (per dimension) of n retrieved demonstration windows."""
+    def _retrieval_draw(self, n):
+        """(batch, t, eps) of the retrieval anchor's max(2, n) windows, to run in the step's one
+        forward pass (_errors' `extra`); None when there is no anchor or the encoders are frozen
+        (the anchor then runs on its own, _retrieval_anchor)."""
+        if not self.cfg.lambda_retrieved or not len(self.retrieved) or self.cfg.freeze_encoder:
+            return None
+        r_idx = self.rng.choice(self.retrieved, size=max(2, n))
+        t, eps = self.policy.sample_timesteps_and_noise(len(r_idx), device=self.device)
+        return self._batch(r_idx, self.behaviour), t, eps
+
+    def _retrieval_anchor(self, loss, metrics, n, errors=None):
+        """+ lambda_retrieved * mean BC error (per dimension) of n retrieved demonstration windows
+        (`errors`: theirs, per window, from the step's forward pass; else drawn and run here)."""
         if not self.cfg.lambda_retrieved or not len(self.retrieved):
             return loss, metrics
-        r_idx = self.rng.choice(self.retrieved, size=max(2, n))
-        r_batch = self._batch(r_idx, self.behaviour)
-        t, eps = self.policy.sample_timesteps_and_noise(len(r_idx), device=self.device)
-        e_r = self.policy.denoise_error(r_batch, t, eps, 'mean').mean()
+        if errors is None:
+            r_idx = self.rng.choice(self.retrieved, size=max(2, n))
+            r_batch = self._batch(r_idx, self.behaviour)
+            t, eps = self.policy.sample_timesteps_and_noise(len(r_idx), device=self.device)
+            errors = self.policy.denoise_error(r_batch, t, eps, 'mean')
+        e_r = errors.mean()
         return loss + self.cfg.lambda_retrieved * e_r, dict(metrics, retrieved_anchor=float(e_r.detach()))
 
     # --- model selection -----------------------------------------------------------------
