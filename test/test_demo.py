@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from rko_ros.episodes.catalog import Catalog
 from rko_ros.policy.store import ModelStore
@@ -66,6 +67,51 @@ def test_quick_demo_runs_the_loop_end_to_end(tmp_path):
     assert rounds[-1]['new_version'] == summary['aligned_version']
     assert 'round 2: 1 episode of' in result.stdout
     _two_finetunings_in_a_row(out, list(labels))
+
+
+def test_quick_demo_with_a_wrist_camera(tmp_path):
+    """--wrist-view-m adds the sim's wrist camera to every stage: the demonstrations' bags, the
+    policy's cameras, the recorded ROS episodes, and a fine-tuning through trainer/start."""
+    from rosbags.highlevel import AnyReader
+    from rko_ros.demo.loop import RosLoop, write_demo_params
+    from rko_ros.demo.pipeline import DemoConfig
+    from rko_ros.ros.commands import default_config_path
+    out = tmp_path / 'demo'
+    result = subprocess.run([sys.executable, '-m', 'rko_ros.cli', 'demo', '--quick', '--out', str(out),
+                             '--wrist-view-m', '0.15', '--json'],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    store = ModelStore(str(out))
+    pretrained = summary['pretrained_version']
+    assert store.load_policy(pretrained).config.obs.camera_names == ['camera', 'wrist_camera']
+    with Catalog(str(out)) as catalog:
+        episodes = catalog.list()
+        bags = [catalog.bag_path(e['id']) for e in episodes]
+    assert len(episodes) == 6 + 4 + 2 and all(e['status'] == 'complete' for e in episodes)
+    for bag in (bags[0], bags[-1]):           # a demonstration and a ROS episode
+        with AnyReader([Path(bag)]) as reader:
+            counts = {c.topic.rsplit('/', 2)[-2]: c.msgcount for c in reader.connections
+                      if c.topic.endswith('image_raw')}
+        assert set(counts) == {'camera', 'wrist_camera'} and counts['camera'] == counts['wrist_camera'] > 0
+    with Catalog(str(out)) as catalog:       # both kinds of label, whatever the tiny policy did
+        ids = [e['id'] for e in episodes[6:8]]
+        catalog.label(ids[0], True)
+        catalog.label(ids[1], False)
+    params = write_demo_params(str(out / 'wrist_params.yaml'),
+                               DemoConfig.quick(data_dir=str(out), wrist_view_m=0.15,
+                                                guard_tolerance=None),
+                               default_config_path())
+    loop = RosLoop(str(out), params, log_path=str(out / 'wrist_up.log'))
+    try:
+        loop.wait_ready()
+        version = loop.finetune_and_reload()
+        loop.spin_for(1.0)
+        running = loop.policy_status.get('model_version')
+    finally:
+        loop.close()
+    assert running == version != summary['aligned_version'] and version in store.versions()
+    assert store.load_policy(version).config.obs.camera_names == ['camera', 'wrist_camera']
 
 
 def _two_finetunings_in_a_row(out, labels):
@@ -203,6 +249,19 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     assert params['/**/policy_node']['ros__parameters']['noise_scale'] == 0.25
     sim = params['/**/sim_node']['ros__parameters']    # joint states once per control tick
     assert sim['joint_state_rate_hz'] == sim.get('control_rate_hz', 10.0) == 10.0
+    # The cameras: the policy and the recorder take every camera the sim publishes, in order.
+    for wrist, topics in ((0.0, ['camera/image_raw']),
+                          (0.15, ['camera/image_raw', 'wrist_camera/image_raw'])):
+        path = write_demo_params(str(tmp_path / 'w.yaml'), DemoConfig(wrist_view_m=wrist),
+                                 default_config_path())
+        with open(path) as f:
+            params = yaml.safe_load(f)
+        policy = params['/**/policy_node']['ros__parameters']
+        assert policy['camera_topics'] == topics == \
+            params['/**/episode_node']['ros__parameters']['camera_topics']
+        assert policy['camera_names'] == [t.split('/')[0] for t in topics]
+        assert params['/**/sim_node']['ros__parameters']['wrist_view_m'] == wrist
+        assert DemoConfig(wrist_view_m=wrist).policy_config().obs.camera_names == policy['camera_names']
     cfg = DemoConfig(freeze_encoder=True, finetune_select='margin', finetune_ema_decay=0.0, finetune_patience=4, finetune_steps=600, lambda_retrieved=0.0,
                      preference_min_timestep=0)
     path = write_demo_params(str(tmp_path / 'q.yaml'), cfg, default_config_path())
@@ -239,7 +298,9 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
                        (dict(finetune_select='best'), "finetune_select 'best' must be"),
                        (dict(finetune_ema_decay=1.0), r'finetune_ema_decay=1.0 must be in \[0, 1\)'),
                        (dict(retrieved_undesirable_share=1.0), 'retrieved_undesirable_share=1.0'),
-                       (dict(method='ppo'), "method 'ppo' is unknown")):
+                       (dict(method='ppo'), "method 'ppo' is unknown"),
+                       (dict(wrist_view_m=0.01), 'wrist_view_m=0.01 must be 0'),
+                       (dict(wrist_view_m=0.15, shift_px=2), 'fixed cameras only')):
         with pytest.raises(ConfigError, match=match):
             DemoConfig(**bad)
     assert [DemoConfig(method=m).finetune_undesirable_share(m) for m in ('rko', 'kto', 'sft', 'dpo')] \

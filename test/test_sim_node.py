@@ -215,12 +215,46 @@ def test_the_cell_holds_after_the_episode_ends(context):
         probe.close()
 
 
+def test_wrist_camera_follows_the_gripper_with_the_scene_cameras_stamp(context):
+    probe = Probe(context, {'control_rate_hz': 20.0, 'camera_rate_hz': 20.0,
+                            'image_width_px': 48, 'image_height_px': 48, 'wrist_view_m': 0.15,
+                            'seed': 4})
+    wrist = []
+    probe.node.create_subscription(Image, 'wrist_camera/image_raw', wrist.append,
+                                   qos_profile_sensor_data)
+    try:
+        assert probe.spin_until(lambda: len(wrist) >= 2 and len(probe.images) >= 2 and probe.joints)
+
+        def pixels(msg):
+            return np.frombuffer(bytes(msg.data), np.uint8).reshape(msg.height, msg.width, 3)
+        home = pixels(wrist[-1])
+        assert home.shape == (48, 48, 3)
+        np.testing.assert_array_equal(home, probe.sim.task.render_wrist())
+        # Over the table's edge below the cloth at home, and the scene camera sees otherwise.
+        assert np.abs(home.astype(int) - pixels(probe.images[-1]).astype(int)).sum() > 0
+        stamps = {(m.header.stamp.sec, m.header.stamp.nanosec) for m in probe.images}
+        assert (wrist[-1].header.stamp.sec, wrist[-1].header.stamp.nanosec) in stamps
+        assert wrist[-1].header.frame_id == 'sim_wrist_camera'
+        # Over the cloth's left edge the wrist image is mostly cloth; it moved with the gripper.
+        probe.send(_trajectory(['gripper_x', 'gripper_y', 'gripper_closed'], [-0.15, 0.0, 0.0]))
+        assert probe.spin_until(lambda: np.allclose(probe.gripper()[:2], [-0.15, 0.0], atol=1e-3))
+        n = len(wrist)
+        assert probe.spin_until(lambda: len(wrist) >= n + 2)
+        over_edge = pixels(wrist[-1])
+        np.testing.assert_array_equal(over_edge, probe.sim.task.render_wrist())
+        blue = lambda img: float(((img[..., 2] > img[..., 0] + 40)).mean())   # the cloth's front
+        assert blue(home) < 0.05 and 0.2 < blue(over_edge) < 0.8
+    finally:
+        probe.close()
+
+
 @pytest.mark.parametrize('name, value, expected', [
     ('action_type', 'bogus', 'action_type'),
     ('control_rate_hz', 1000.0, 'control_rate_hz'),
     ('control_rate_hz', 10, 'give a float'),
     ('camera_topic', ' ', 'camera_topic'),
     ('camera_view_m', 0.05, 'camera_view_m'),
+    ('wrist_view_m', 0.05, 'wrist_view_m'),
 ])
 def test_bad_parameters_stop_the_node(context, name, value, expected):
     with pytest.raises(ConfigError, match=expected):

@@ -185,6 +185,50 @@ def test_camera_view_sets_the_image_scale():
         render(wide.sim, (64, 64), view_m=50.0)
 
 
+def test_wrist_camera_is_the_table_around_the_gripper():
+    """The wrist image is the scene camera's view narrowed to wrist_view_m around the gripper:
+    the same pixels as a scene render of that view centred there; rollouts and the batched
+    runner record it beside the scene camera."""
+    from rko_ros.demo.offline import BatchedChunkPolicy, episode_cameras, episode_windows
+    task = ClothFoldTask(image_size_px=(40, 40), wrist_view_m=0.15)
+    assert task.config.camera_names == ('camera', 'wrist_camera')
+    assert ClothFoldTask().config.camera_names == ('camera',)
+    task.reset(3)
+    task.sim.command(np.array([-0.12, 0.05]), False)
+    task.sim.advance(1.0)
+    g = task.sim.gripper[:2]
+    np.testing.assert_array_equal(task.render_wrist(),
+                                  render(task.sim, (40, 40), view_m=0.15, center_xy=g))
+    # Centred on the gripper: a scene render at 4x the wrist view's metres is the wrist image
+    # shrunk around the image centre there (the marker is drawn in both).
+    wide = render(task.sim, (160, 160), view_m=0.60, center_xy=g)
+    inner = cv2.resize(wide[60:100, 60:100], (40, 40), interpolation=cv2.INTER_AREA)
+    assert np.abs(inner.astype(int) - task.render_wrist().astype(int)).mean() < 12
+    cams = task.cameras()
+    assert cams.shape == (2, 40, 40, 3)
+    np.testing.assert_array_equal(cams[0], task.render())
+    episode = demo_episode(task, 'left_to_right', seed=4, noise=0.5)
+    assert episode['images'].shape == episode['wrist_images'].shape == (50, 40, 40, 3)
+    images, _, _ = episode_windows(episode_cameras(episode), episode['state'], episode['action'],
+                                   2, 16)
+    assert images.shape == (50, 2, 2, 3, 40, 40)
+    np.testing.assert_array_equal(images[7, 1, 1], episode['wrist_images'][7].transpose(2, 0, 1))
+    seen = []
+
+    def predict(images, state, noise):
+        seen.append(images.shape)
+        return np.tile(np.array([-0.15, 0.0, 0.0], np.float32), (len(images), 16, 1))
+    run = BatchedChunkPolicy(predict, 1, 16, 3, 8).run(
+        [ClothFoldTask(image_size_px=(40, 40), wrist_view_m=0.15) for _ in range(2)], [5, 6],
+        record_images=True)
+    assert seen[0] == (2, 1, 2, 3, 40, 40)
+    assert run[0]['wrist_images'].shape == (50, 40, 40, 3)
+    with pytest.raises(ConfigError, match='wrist'):
+        ClothFoldTask().render_wrist()
+    with pytest.raises(ConfigError, match='view_m'):
+        ClothFoldTask(wrist_view_m=0.01)
+
+
 def test_shifted_image_is_the_scene_moved_on_the_table(task):
     """The demo's pretraining shift (train.shift_joints) is exact for the sim camera: moving the
     image by whole pixels equals moving cloth and gripper by that many pixels of table."""

@@ -143,6 +143,11 @@ def _sim_episode_args(p):
                         'evaluated (policy_node noise_scale; default 1 = as Diffusion Policy '
                         'samples, 0 = deterministic chunks). Below 1 this task\'s policies drift '
                         'to left_to_right whatever the labels (README)')
+    p.add_argument('--wrist-view-m', type=float,
+                   help='add a wrist camera: a second image (the same size) looking down around '
+                        'the gripper, spanning this many metres of table (sim_node wrist_view_m, '
+                        'the policy\'s second camera; default: DemoConfig, see README; 0 = the '
+                        'scene camera only)')
     p.add_argument('--demo-attempts', type=int,
                    help='tries per cloth and style: a failed demonstration is redone on the same '
                         'cloth with new noise and only folds that worked are kept (default 3; 1 = '
@@ -197,6 +202,7 @@ def _config(args):
         'method': getattr(args, 'method', 'rko'), 'seed': getattr(args, 'seed', 0),
         'demos_per_style': args.demos_per_style, 'pretrain_steps': args.pretrain_steps,
         'demo_noise': args.demo_noise, 'demo_attempts': args.demo_attempts,
+        'wrist_view_m': args.wrist_view_m,
         'pretrain_precision': getattr(args, 'precision', None),
         'noise_scale': args.noise_scale,
         'shift_px': getattr(args, 'shift_px', None),

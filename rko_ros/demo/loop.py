@@ -26,14 +26,18 @@ def write_demo_params(path, cfg, base_config):
     sim = params.setdefault('/**/sim_node', {}).setdefault('ros__parameters', {})
     task = cfg.task_config()
     sim.update({'image_width_px': int(w), 'image_height_px': int(h), 'seed': int(cfg.seed) + 200_000,
-                'episode_ticks': int(task.episode_ticks), 'camera_view_m': float(task.view_m)})
+                'episode_ticks': int(task.episode_ticks), 'camera_view_m': float(task.view_m),
+                'wrist_view_m': float(task.wrist_view_m)})
     # Joint states at the control rate, not the sim's 30 Hz: the policy reads one per tick, and
     # each message costs the nodes' process CPU (idle `rko up --sim` on rclpy's
     # MultiThreadedExecutor: 40% of a core at 30 Hz, 25% at 10 Hz on the 2-core development CPU;
     # 15% at 10 Hz on ServiceThreadsExecutor).
     sim.setdefault('joint_state_rate_hz', float(task.control_rate_hz))
     policy = params.setdefault('/**/policy_node', {}).setdefault('ros__parameters', {})
-    policy.update({'enabled': False, 'noise_scale': float(cfg.noise_scale)})
+    policy.update({'enabled': False, 'noise_scale': float(cfg.noise_scale),
+                   'camera_topics': cfg.camera_topics(), 'camera_names': list(task.camera_names)})
+    episode = params.setdefault('/**/episode_node', {}).setdefault('ros__parameters', {})
+    episode['camera_topics'] = cfg.camera_topics()
     trainer = params.setdefault('/**/trainer_node', {}).setdefault('ros__parameters', {})
     share = cfg.finetune_undesirable_share(cfg.method)
     trainer.update({'method': cfg.method, 'steps': int(cfg.finetune_steps), 'auto_reload': True,

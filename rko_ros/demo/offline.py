@@ -17,14 +17,24 @@ def episode_windows(images, states, actions, n_obs_steps, horizon):
 
     Window k: frames and states of ticks k-To+1..k (clamped at the first tick), the commanded
     actions of ticks k..k+H-1 (the last action repeated past the end, as Chi et al. pad).
-    images (T,H,W,3) uint8 -> window images (T,To,1,3,H,W).
+    images (T,H,W,3) or, for N cameras, (T,N,H,W,3) uint8 -> window images (T,To,N,3,H,W).
     """
     t_len = len(actions)
     obs_idx = np.clip(np.arange(t_len)[:, None] + np.arange(-n_obs_steps + 1, 1)[None, :], 0, t_len - 1)
     act_idx = np.clip(np.arange(t_len)[:, None] + np.arange(horizon)[None, :], 0, t_len - 1)
-    chw = np.ascontiguousarray(np.asarray(images).transpose(0, 3, 1, 2))
-    return chw[obs_idx][:, :, None], np.asarray(states, np.float32)[obs_idx], \
+    images = np.asarray(images)
+    if images.ndim == 4:
+        images = images[:, None]
+    chw = np.ascontiguousarray(images.transpose(0, 1, 4, 2, 3))
+    return chw[obs_idx], np.asarray(states, np.float32)[obs_idx], \
         np.asarray(actions, np.float32)[act_idx]
+
+
+def episode_cameras(episode):
+    """A rollout's images as (T, N, H, W, 3): the scene camera, then the wrist camera if any."""
+    if 'wrist_images' in episode:
+        return np.stack([episode['images'], episode['wrist_images']], axis=1)
+    return np.asarray(episode['images'])[:, None]
 
 
 def collect_demonstrations(task_config, styles, episodes_per_style, seed=0, noise=1.0, progress=None,
@@ -61,7 +71,7 @@ def collect_demonstrations(task_config, styles, episodes_per_style, seed=0, nois
 
 def windows_from_episodes(episodes, config):
     from rko_ros.policy.train import ArrayWindows
-    parts = [episode_windows(e['images'], e['state'], e['action'], config.obs.n_obs_steps,
+    parts = [episode_windows(episode_cameras(e), e['state'], e['action'], config.obs.n_obs_steps,
                              config.action.horizon) for e in episodes]
     index = np.concatenate([np.full(len(e['action']), i) for i, e in enumerate(episodes)])
     return ArrayWindows(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
@@ -92,9 +102,8 @@ class BatchedChunkPolicy:
         trace = {'images': [], 'state': [], 'action': []}
         frames = [[] for _ in tasks]
         while not all(task.done for task in tasks):
-            obs = [task.observe() for task in tasks]
-            img = np.stack([o[0].transpose(2, 0, 1) for o in obs])[:, None]      # B,1(N),3,H,W
-            state = np.stack([o[1] for o in obs])
+            img = np.stack([task.cameras().transpose(0, 3, 1, 2) for task in tasks])  # B,N,3,H,W
+            state = np.stack([task.state() for task in tasks])
             history_img.append(img)
             history_state.append(state)
             if extra_sizes:
@@ -110,7 +119,7 @@ class BatchedChunkPolicy:
             action = chunk[:, used]
             used += 1
             if record_images:
-                trace['images'].append(img[:, 0].transpose(0, 2, 3, 1))
+                trace['images'].append(img.transpose(0, 1, 3, 4, 2))            # B,N,H,W,3
             trace['state'].append(state)
             trace['action'].append(action)
             for task, a in zip(tasks, action):
@@ -121,7 +130,10 @@ class BatchedChunkPolicy:
             episode = {'seed': seed, 'state': np.stack([s[i] for s in trace['state']]),
                        'action': np.stack([a[i] for a in trace['action']]), 'result': results[i]}
             if record_images:
-                episode['images'] = np.stack([im[i] for im in trace['images']])
+                cams = np.stack([im[i] for im in trace['images']])               # T,N,H,W,3
+                episode['images'] = cams[:, 0]
+                if cams.shape[1] > 1:
+                    episode['wrist_images'] = cams[:, 1]
             if extra_sizes:
                 frames[i].append(tasks[i].render(extra_sizes[0]))
                 episode['frames'] = frames[i]

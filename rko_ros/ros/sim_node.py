@@ -1,7 +1,8 @@
 """sim_node: the simulated cloth table as a ROS 2 robot, so the whole loop runs without hardware.
 
-Publishes the top-down camera (sensor_msgs/Image rgb8, sensor-data QoS) and the gripper's joint
-state at their own rates, steps the cloth at `control_rate_hz`, and executes `action` messages as a
+Publishes the top-down camera (sensor_msgs/Image rgb8, sensor-data QoS; with `wrist_view_m` also
+a wrist camera looking down around the gripper, same stamp) and the gripper's joint state at their
+own rates, steps the cloth at `control_rate_hz`, and executes `action` messages as a
 position controller would (JointTrajectory: the first point, by joint name; or Float64MultiArray in
 joint order), holding the last target when none arrives. With `step_on_action` (the default) a
 new episode's clock starts with its first action, as the offline task's does: until then the cloth
@@ -65,6 +66,13 @@ PARAMETERS = {
     'image_height_px': _int('camera image height', 64, 8, 4096),
     'camera_view_m': _float('metres of table across the camera image\'s shorter side (the '
                             'policy must be trained on the same view)', VIEW_M, *VIEW_RANGE_M),
+    'wrist_view_m': _float('a second camera on the gripper, looking down: metres of table across '
+                           'its image\'s shorter side, around the gripper (same size as the '
+                           f'scene camera\'s); 0: no wrist camera, else {VIEW_RANGE_M[0]}..'
+                           f'{VIEW_RANGE_M[1]}', 0.0, 0.0, VIEW_RANGE_M[1]),
+    'wrist_camera_topic': _str('topic of the wrist camera image (rgb8), when wrist_view_m > 0',
+                               'wrist_camera/image_raw'),
+    'wrist_camera_frame_id': _str('frame_id stamped on wrist camera images', 'sim_wrist_camera'),
     'episode_ticks': _int('control ticks in one episode (reported by sim/evaluate)',
                           50, 1, 100000),
     'seed': _int('seed of the first episode; each sim/reset uses the next one', 0, 0, 2 ** 31 - 1),
@@ -108,12 +116,14 @@ class SimNode(Node):
         p = self.params
         self.task = ClothFoldTask(TaskConfig(
             image_size_px=(p['image_height_px'], p['image_width_px']), view_m=p['camera_view_m'],
-            control_rate_hz=p['control_rate_hz'], episode_ticks=p['episode_ticks'],
+            wrist_view_m=p['wrist_view_m'], control_rate_hz=p['control_rate_hz'], episode_ticks=p['episode_ticks'],
             quality_threshold=p['quality_threshold']))
         self._next_seed = p['seed']
         self._scene_changes, self._frame = 0, None   # the last frame drawn and of which scene
         self._reset_episode()
         self.image_pub = self.create_publisher(Image, p['camera_topic'], qos_profile_sensor_data)
+        self.wrist_pub = self.create_publisher(Image, p['wrist_camera_topic'],
+                                               qos_profile_sensor_data) if p['wrist_view_m'] else None
         self.joint_pub = self.create_publisher(JointState, p['joint_state_topic'], 10)
         msg_type = JointTrajectory if p['action_type'] == 'joint_trajectory' else Float64MultiArray
         self.action_sub = self.create_subscription(msg_type, p['action_topic'],
@@ -128,6 +138,8 @@ class SimNode(Node):
         self.get_logger().info(
             f'cloth sim: {p["image_width_px"]}x{p["image_height_px"]} rgb8 on '
             f'{p["camera_topic"]!r} '
+            + (f'and {p["wrist_camera_topic"]!r} (wrist, {p["wrist_view_m"]} m) '
+               if p['wrist_view_m'] else '') +
             f'at {p["camera_rate_hz"]} Hz, control {p["control_rate_hz"]} Hz, actions '
             f'({p["action_type"]}) on {p["action_topic"]!r}, episode seed {self.task.seed}')
 
@@ -145,7 +157,12 @@ class SimNode(Node):
         if values['action_type'] not in ACTION_TYPES:
             raise ConfigError(f'sim_node parameter action_type={values["action_type"]!r} is '
                               f'unknown; use one of {", ".join(ACTION_TYPES)}')
-        for name in ('camera_topic', 'joint_state_topic', 'action_topic'):
+        wrist = values['wrist_view_m']
+        if wrist and not VIEW_RANGE_M[0] <= wrist <= VIEW_RANGE_M[1]:
+            raise ConfigError(f'sim_node parameter wrist_view_m={wrist} must be 0 (no wrist camera) '
+                              f'or {VIEW_RANGE_M[0]}..{VIEW_RANGE_M[1]} metres')
+        for name in ('camera_topic', 'joint_state_topic', 'action_topic') + \
+                (('wrist_camera_topic',) if wrist else ()):
             if not values[name].strip():
                 raise ConfigError(f'sim_node parameter {name} is empty; give a topic name')
         return values
@@ -249,9 +266,14 @@ class SimNode(Node):
         # episodes, while a fine-tuning runs) is not drawn again, only stamped anew. Rendering
         # was most of an idle `rko up --sim`'s CPU.
         if self._frame is None or self._frame[0] != self._scene_changes:
-            self._frame = (self._scene_changes, self.task.render())
-        self.image_pub.publish(image_message(self._frame[1], self.get_clock().now().to_msg(),
-                                             self.params['camera_frame_id']))
+            self._frame = (self._scene_changes, self.task.render(),
+                           self.task.render_wrist() if self.wrist_pub is not None else None)
+        # Both cameras carry one stamp: they show the same instant of the scene.
+        stamp = self.get_clock().now().to_msg()
+        self.image_pub.publish(image_message(self._frame[1], stamp, self.params['camera_frame_id']))
+        if self.wrist_pub is not None:
+            self.wrist_pub.publish(image_message(self._frame[2], stamp,
+                                                 self.params['wrist_camera_frame_id']))
 
     def _publish_joints(self):
         msg = JointState()

@@ -75,10 +75,12 @@ def check_view_m(view_m):
     return float(view_m)
 
 
-def render(sim, size_px=(64, 64), draw_gripper=True, view_m=VIEW_M):
+def render(sim, size_px=(64, 64), draw_gripper=True, view_m=VIEW_M, center_xy=(0.0, 0.0)):
     """Render `sim` (a ClothSim) to an (H, W, 3) uint8 RGB image seen from above; the shorter
-    image side spans `view_m` metres of table around the table's centre."""
+    image side spans `view_m` metres of table around `center_xy` (the table's centre; a wrist
+    camera passes the gripper's x, y)."""
     height, width = parse_size(size_px)
+    cx, cy = (float(v) for v in center_xy)
     view_m = check_view_m(view_m)
     ss = 4 if max(height, width) <= 160 else 2
     big_h, big_w = height * ss, width * ss
@@ -88,8 +90,8 @@ def render(sim, size_px=(64, 64), draw_gripper=True, view_m=VIEW_M):
     fix = float(1 << _SUBPIXEL_BITS)
 
     def to_px(xy):
-        return np.stack([big_w / 2.0 + xy[..., 0] * px_per_m,
-                         big_h / 2.0 - xy[..., 1] * px_per_m], -1)
+        return np.stack([big_w / 2.0 + (xy[..., 0] - cx) * px_per_m,
+                         big_h / 2.0 - (xy[..., 1] - cy) * px_per_m], -1)
 
     tris, quads, border = _mesh(sim.n)
     x = np.concatenate([sim.x, sim.x[quads].mean(axis=1)])

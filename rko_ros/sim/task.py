@@ -15,6 +15,7 @@ from rko_ros.sim.evaluate import DEFAULT_QUALITY_THRESHOLD, fold_result
 from rko_ros.sim.render import VIEW_M, check_view_m, parse_size, render
 
 JOINT_NAMES = ('gripper_x', 'gripper_y', 'gripper_closed')
+CAMERA_NAMES = ('camera', 'wrist_camera')
 ACTION_NAMES = JOINT_NAMES
 
 
@@ -22,6 +23,9 @@ ACTION_NAMES = JOINT_NAMES
 class TaskConfig:
     image_size_px: tuple = (64, 64)          # (H, W) of `observe()`'s image
     view_m: float = VIEW_M                   # metres of table across the image's shorter side
+    # A second camera on the gripper looking down (0: none): the image, the same size as the
+    # scene camera's, spans this many metres of table around the gripper's x, y.
+    wrist_view_m: float = 0.0
     control_rate_hz: float = 10.0
     episode_ticks: int = 50
     pose_jitter_m: float = 0.02              # uniform +- offset of the cloth's centre at reset
@@ -39,6 +43,13 @@ class TaskConfig:
             raise ConfigError(f'pose_jitter_m={self.pose_jitter_m} (0..0.1) or angle_jitter_rad='
                               f'{self.angle_jitter_rad} (0..0.5) out of range')
         self.view_m = check_view_m(self.view_m)
+        if self.wrist_view_m:
+            self.wrist_view_m = check_view_m(self.wrist_view_m)
+
+    @property
+    def camera_names(self):
+        """The cameras `ClothFoldTask.cameras()` returns, scene camera first."""
+        return CAMERA_NAMES[:2 if self.wrist_view_m else 1]
         if not 0.0 <= self.quality_threshold <= 1.0:
             raise ConfigError(f'quality_threshold={self.quality_threshold} must be in [0, 1]')
 
@@ -101,6 +112,20 @@ class ClothFoldTask:
         return render(self.sim, self.config.image_size_px if size_px is None else size_px,
                       view_m=self.config.view_m)
 
+    def render_wrist(self, size_px=None):
+        """The wrist camera's image: `wrist_view_m` of table around the gripper."""
+        if not self.config.wrist_view_m:
+            raise ConfigError('this task has no wrist camera (TaskConfig.wrist_view_m is 0)')
+        return render(self.sim, self.config.image_size_px if size_px is None else size_px,
+                      view_m=self.config.wrist_view_m, center_xy=self.sim.gripper[:2])
+
+    def cameras(self):
+        """(N, H, W, 3) uint8: every camera's image, in `config.camera_names` order."""
+        images = [self.render()]
+        if self.config.wrist_view_m:
+            images.append(self.render_wrist())
+        return np.stack(images)
+
     def observe(self):
         """(image (H, W, 3) uint8 RGB, state (3,) float32)."""
         return self.render(), self.state()
@@ -112,15 +137,18 @@ class ClothFoldTask:
 def rollout(task, act, seed=None, record_images=True, extra_sizes=()):
     """Run one episode: `act(image, state, tick) -> action (3,)` is called every tick.
 
-    Returns a dict with `seed`, `images` (T, H, W, 3) uint8 (if recorded), `state` (T, 3) and
+    Returns a dict with `seed`, `images` (T, H, W, 3) uint8 (if recorded; with a wrist camera
+    also `wrist_images`, the same shape, and `image` is the scene camera's), `state` (T, 3) and
     `action` (T, 3) float32 (observation before the action of the same tick), `result`
     (FoldResult), and `frames[size]` lists for each of `extra_sizes` (e.g. (480, 640) for people).
     """
     seed = task.reset(seed)
-    images, states, actions = [], [], []
+    images, wrist, states, actions = [], [], [], []
     frames = {parse_size(s): [] for s in extra_sizes}
     while not task.done:
         image, state = task.observe() if record_images else (None, task.state())
+        if record_images and task.config.wrist_view_m:
+            wrist.append(task.render_wrist())
         for size in frames:
             frames[size].append(task.render(size))
         action = np.asarray(act(image, state, task.tick), np.float32)
@@ -135,4 +163,6 @@ def rollout(task, act, seed=None, record_images=True, extra_sizes=()):
            'result': task.result(), 'frames': frames}
     if record_images:
         out['images'] = np.stack(images)
+        if wrist:
+            out['wrist_images'] = np.stack(wrist)
     return out
