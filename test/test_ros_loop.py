@@ -287,3 +287,65 @@ def test_finetune_through_trainer_start_hot_swaps_then_rolls_back(system):
     assert ModelStore(system['data_dir']).versions() == versions
     assert not [n for n in os.listdir(os.path.join(system['data_dir'], 'models'))
                 if n.startswith('.incoming-')]
+
+
+def _children(pid):
+    import subprocess
+    out = subprocess.run(['ps', '-o', 'pid=,args=', '--ppid', str(pid)], capture_output=True,
+                         text=True).stdout
+    return [line.split(None, 1) for line in out.splitlines() if line.strip()]
+
+
+def _gone(pid, timeout_s=15.0):
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_sim_process_runs_sim_node_apart_and_stops_with_rko_up(tmp_path):
+    """`rko up --sim --sim-process`: sim_node in a child process (same parameters and namespace)
+    closes the loop as in-process; it stops when `rko up` stops, and when `rko up` is killed."""
+    import signal
+    data_dir = tmp_path / 'data'
+    add_version(data_dir)
+    config = tmp_path / 'rko.yaml'
+    config.write_text("""
+/**/sim_node:
+  ros__parameters:
+    image_width_px: 32
+    image_height_px: 32
+    seed: 70
+""")
+    ns = 'rko_simproc'
+    client = Client('rko_simproc_client')
+    client.subscribe(JointTrajectory, f'/{ns}/action')
+    for stop in ('sigint', 'sigkill'):
+        proc = NodeProcess([sys.executable, '-m', 'rko_ros.cli', 'up', '--sim', '--sim-process',
+                            '--nodes', 'policy', '--data-dir', str(data_dir), '--config',
+                            str(config), '--namespace', ns], tmp_path / f'up_{stop}.log')
+        try:
+            since = time.monotonic()
+            client.wait_for(lambda: len(client.messages(f'/{ns}/action', since)) > 3, 60,
+                            'actions with sim_node in its own process')
+            sims = [(int(pid), args) for pid, args in _children(proc.proc.pid)
+                    if 'rko_ros.ros.sim_node' in args]
+            assert len(sims) == 1, _children(proc.proc.pid)
+            with open(f'/proc/{sims[0][0]}/cmdline') as f:
+                argv = f.read().split('\0')
+            assert f'__ns:=/{ns}' in argv and str(config) in argv
+            reply = client.call(Trigger, f'/{ns}/sim/reset', Trigger.Request())
+            assert reply.success and reply.message == '71'      # the seed from --config
+            if stop == 'sigint':
+                assert proc.stop() == 0, proc.output()[-3000:]
+            else:
+                proc.proc.send_signal(signal.SIGKILL)
+                proc.proc.wait(10)
+            assert _gone(sims[0][0]), f'sim_node {sims[0][0]} outlived rko up ({stop})'
+        finally:
+            proc.stop()
+    client.close()

@@ -64,13 +64,14 @@ def write_demo_params(path, cfg, base_config):
 class RosLoop:
     """Starts `rko up --sim` and offers the operator's calls as plain methods."""
 
-    def __init__(self, data_dir, params_path, namespace='rko', log_path=None):
+    def __init__(self, data_dir, params_path, namespace='rko', log_path=None, sim_process=False):
         self.data_dir = data_dir
         self.namespace = namespace
         log = open(log_path or os.path.join(data_dir, 'rko_up.log'), 'w')
         self.proc = subprocess.Popen(
             [sys.executable, '-m', 'rko_ros.cli', 'up', '--data-dir', data_dir, '--sim',
-             '--config', params_path, '--namespace', namespace],
+             '--config', params_path, '--namespace', namespace] +
+            (['--sim-process'] if sim_process else []),
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         import rclpy
         from rclpy.node import Node

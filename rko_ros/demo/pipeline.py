@@ -42,9 +42,10 @@ class DemoConfig:
     # image of image_size_px; 0: the scene camera only. 0.15 (3 mm a pixel at 48 px), seed 0,
     # 2026-11-29: the base folded 95 / 91.25% of 80 new cloths offline (any style; grasps off
     # 1.25 / 8.75%) against 86-88% for scene-only bases, but the demo's final model 86.25 / 87.5%
-    # (scene-only final models 83.75-91.25%), and through ROS 30% -> 60% (any-style 60% before
-    # and after, against 86-89% offline with the policy node's schedule); pretraining 25 min
-    # instead of 17, the demo 2704 s. Not the default until the ROS gap is understood.
+    # (scene-only final models 83.75-91.25%); the demo through ROS 30% -> 60%, with camera
+    # frames one or two ticks stale in 11 of its 40 episodes, and on a quiet machine the base 20
+    # of 20 folds, the final model 16 of 20. Fine-tuning gives back the base's gain; pretraining
+    # 25 min instead of 17, the demo 2704 s. Not the default.
     wrist_view_m: float = 0.0
     # Camera frames (and joint states) of history the policy sees. One frame: offline, 40 new
     # cloths, 3000 BC steps at lr 2e-3, grasp error median 10.5 mm (2 frames 11.9 mm), 6 of 40

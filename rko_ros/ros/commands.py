@@ -1,6 +1,7 @@
 """`rko up` (the nodes in one process, for machines without `ros2 launch`) and
 `rko bench control-loop`. rclpy and the nodes are imported inside the handlers."""
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,10 @@ def register(subparsers):
                    help='parameter YAML (ros__parameters per node; default config/rko.yaml)')
     p.add_argument('--namespace', default='rko', help='namespace of every node (default rko)')
     p.add_argument('--sim', action='store_true', help='also run sim_node (the simulated cloth)')
+    p.add_argument('--sim-process', action='store_true',
+                   help='with --sim: run sim_node in a process of its own (same --config and '
+                        'namespace, stopped with this one), as a robot\'s camera and controller '
+                        'drivers run apart from the policy; default: in this process')
     p.add_argument('--nodes', nargs='+', default=list(NODES), choices=NODES,
                    help='which nodes to run (default: all three)')
     p.add_argument('--threads', type=int, default=2,
@@ -88,6 +93,22 @@ def _init_args(config, namespace, extra):
     return args + (['--ros-args'] + extra if extra else [])
 
 
+def _die_with_parent():
+    """In the child: receive SIGTERM when the parent dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+        ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _start_sim_process(config, namespace, extra):
+    """sim_node as a child process with this process's parameters and namespace."""
+    args = _init_args(config, namespace, extra)[1:]     # drop the program name
+    return subprocess.Popen([sys.executable, '-m', 'rko_ros.ros.sim_node'] + args,
+                            preexec_fn=_die_with_parent if sys.platform.startswith('linux') else None)
+
+
 def build_nodes(data_dir, which=NODES, sim=False):
     from rclpy.parameter import Parameter
     overrides = [Parameter('data_dir', Parameter.Type.STRING, os.path.abspath(data_dir))]
@@ -116,9 +137,11 @@ def _up(args):
         raise ConfigError(f'--threads {args.threads}: give at least 1')
     config = args.config or default_config_path()
     nodes = []
+    sim = _start_sim_process(config, args.namespace, args.ros_args) \
+        if args.sim and args.sim_process else None
     try:
         with rclpy.init(args=_init_args(config, args.namespace, args.ros_args)):
-            nodes = build_nodes(args.data_dir, args.nodes, args.sim)
+            nodes = build_nodes(args.data_dir, args.nodes, args.sim and sim is None)
             executor = ServiceThreadsExecutor(args.threads)
             for node in nodes:
                 executor.add_node(node)
@@ -133,6 +156,13 @@ def _up(args):
                         node.close()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    finally:
+        if sim is not None:
+            sim.terminate()
+            try:
+                sim.wait(10)
+            except subprocess.TimeoutExpired:
+                sim.kill()
     return 0
 
 
