@@ -356,8 +356,8 @@ class PreferenceTrainer:
         if model is self.model and self.world_size > 1:
             e_all = model(batch, t, eps, self.cfg.reduction)  # DDP forward = denoise_error
         else:
-            # Frozen encoders are the reference's, so its encoding is this model's too (_extra
-            # draws nothing then).
+            # Frozen encoders are the reference's, so its encoding is this model's too
+            # (_retrieval_draw gives no `extra` then).
             e_all = model.denoise_error(batch, t, eps, self.cfg.reduction,
                                         global_cond=cond_ref if self.cfg.freeze_encoder else None)
         e_theta, e_extra = e_all[:n], (e_all[n:] if extra is not None else None)

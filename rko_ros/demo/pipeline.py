@@ -225,6 +225,7 @@ class DemoConfig:
 def write_episodes(data_dir, episodes, model_version, rate_hz, progress=None, source='demo',
                    camera_topics=(CAMERA_TOPIC,)):
     """Rollout dicts (images, state, action, result) -> one rosbag2 bag + catalog row each."""
+    from rko_ros.demo.offline import episode_cameras
     from rko_ros.episodes.catalog import Catalog
     from rko_ros.episodes.recorder import EpisodeRecorder
     from rko_ros.episodes.synthetic import write_episode
@@ -237,7 +238,8 @@ def write_episodes(data_dir, episodes, model_version, rate_hz, progress=None, so
                 meta['attempt'] = int(episode['attempt'])
             episode_id = catalog.start_episode(model_version, meta=meta)
             recorder = EpisodeRecorder(catalog.bag_path(episode_id))
-            cameras = [episode['images']] + ([episode['wrist_images']] if len(camera_topics) > 1 else [])
+            # One image stream per camera; write_episode refuses a count unlike the topics'.
+            cameras = list(episode_cameras(episode).swapaxes(0, 1))
             write_episode(recorder, cameras, episode['state'], episode['action'], rate_hz,
                           list(JOINT_NAMES), list(ACTION_NAMES), camera_topic=list(camera_topics))
             stats = recorder.close()
