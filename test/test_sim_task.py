@@ -127,6 +127,10 @@ def test_bad_actions_and_config_are_refused(task):
         ClothFoldTask(control_rate_hz=0.0)
     with pytest.raises(ConfigError, match='WIDTHxHEIGHT'):
         ClothFoldTask(image_size_px='big')
+    with pytest.raises(ConfigError, match='quality_threshold'):
+        ClothFoldTask(quality_threshold=1.5)
+    with pytest.raises(ConfigError, match='pose_jitter_m'):
+        ClothFoldTask(pose_jitter_m=0.5)
     with pytest.raises(ConfigError, match='left_to_right'):
         ScriptedDemonstrator('inside_out')
 

@@ -45,13 +45,13 @@ class TaskConfig:
         self.view_m = check_view_m(self.view_m)
         if self.wrist_view_m:
             self.wrist_view_m = check_view_m(self.wrist_view_m)
+        if not 0.0 <= self.quality_threshold <= 1.0:
+            raise ConfigError(f'quality_threshold={self.quality_threshold} must be in [0, 1]')
 
     @property
     def camera_names(self):
         """The cameras `ClothFoldTask.cameras()` returns, scene camera first."""
         return CAMERA_NAMES[:2 if self.wrist_view_m else 1]
-        if not 0.0 <= self.quality_threshold <= 1.0:
-            raise ConfigError(f'quality_threshold={self.quality_threshold} must be in [0, 1]')
 
 
 class ClothFoldTask:
