@@ -55,7 +55,8 @@ class TaskConfig:
 
 
 class ClothFoldTask:
-    """One simulated cloth, one point gripper, one top-down camera."""
+    """One simulated cloth, one point gripper, one top-down camera (and one on the gripper when
+    `wrist_view_m` > 0)."""
 
     def __init__(self, config=None, **overrides):
         if config is None:
@@ -138,7 +139,7 @@ def rollout(task, act, seed=None, record_images=True, extra_sizes=()):
     """Run one episode: `act(image, state, tick) -> action (3,)` is called every tick.
 
     Returns a dict with `seed`, `images` (T, H, W, 3) uint8 (if recorded; with a wrist camera
-    also `wrist_images`, the same shape, and `image` is the scene camera's), `state` (T, 3) and
+    also `wrist_images`, the same shape; `images` is the scene camera's), `state` (T, 3) and
     `action` (T, 3) float32 (observation before the action of the same tick), `result`
     (FoldResult), and `frames[size]` lists for each of `extra_sizes` (e.g. (480, 640) for people).
     """
