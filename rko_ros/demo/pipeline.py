@@ -15,7 +15,12 @@ from rko_ros.sim.styles import DEFAULT_STYLES
 from rko_ros.sim.task import ACTION_NAMES, JOINT_NAMES, TaskConfig
 
 CAMERA_TOPIC = 'camera/image_raw'
-WRIST_CAMERA_TOPIC = 'wrist_camera/image_raw'
+
+
+def topics_of_cameras(camera_names):
+    """The sim's topic of each camera: NAME/image_raw (CAMERA_TOPIC for the scene camera), as
+    WindowSpec names them by default."""
+    return [f'{name}/image_raw' for name in camera_names]
 
 
 @dataclasses.dataclass
@@ -173,10 +178,8 @@ class DemoConfig:
         check_noise_scale(self.noise_scale)
         from rko_ros.policy.config import check_precision
         check_precision(self.pretrain_precision, 'pretrain_precision')
-        from rko_ros.sim.render import VIEW_RANGE_M
-        if self.wrist_view_m and not VIEW_RANGE_M[0] <= float(self.wrist_view_m) <= VIEW_RANGE_M[1]:
-            raise ConfigError(f'wrist_view_m={self.wrist_view_m} must be 0 (no wrist camera) or '
-                              f'{VIEW_RANGE_M[0]}..{VIEW_RANGE_M[1]} metres of table')
+        from rko_ros.sim.render import check_wrist_view_m
+        check_wrist_view_m(self.wrist_view_m)
         if self.wrist_view_m and self.shift_px:
             # The shift moves every camera's image with the gripper's positions: right for the
             # fixed scene camera, wrong for one that moves with the gripper.
@@ -197,7 +200,7 @@ class DemoConfig:
 
     def camera_topics(self):
         """The cameras' topics, in the order of the policy's camera_names."""
-        return [CAMERA_TOPIC, WRIST_CAMERA_TOPIC][:len(self.task_config().camera_names)]
+        return topics_of_cameras(self.task_config().camera_names)
 
     def policy_config(self):
         from rko_ros.policy.config import PolicyConfig
@@ -262,8 +265,8 @@ def record_demonstrations(cfg, progress=None):
 
 def window_spec(policy_config):
     from rko_ros.episodes.dataset import WindowSpec
-    topics = [CAMERA_TOPIC, WRIST_CAMERA_TOPIC][:len(policy_config.obs.camera_names)]
-    return WindowSpec.from_config(policy_config, {'cameras': topics})
+    return WindowSpec.from_config(policy_config,
+                                  {'cameras': topics_of_cameras(policy_config.obs.camera_names)})
 
 
 def pretrain(cfg, episode_ids, progress=True):

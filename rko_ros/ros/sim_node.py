@@ -30,7 +30,7 @@ from trajectory_msgs.msg import JointTrajectory
 
 from rko_ros.errors import ConfigError
 from rko_ros.ros.params import spin
-from rko_ros.sim.render import VIEW_M, VIEW_RANGE_M
+from rko_ros.sim.render import VIEW_M, VIEW_RANGE_M, check_wrist_view_m
 from rko_ros.sim.task import JOINT_NAMES, ClothFoldTask, TaskConfig
 
 ACTION_TYPES = ('joint_trajectory', 'float64_multi_array')
@@ -157,10 +157,10 @@ class SimNode(Node):
         if values['action_type'] not in ACTION_TYPES:
             raise ConfigError(f'sim_node parameter action_type={values["action_type"]!r} is '
                               f'unknown; use one of {", ".join(ACTION_TYPES)}')
-        wrist = values['wrist_view_m']
-        if wrist and not VIEW_RANGE_M[0] <= wrist <= VIEW_RANGE_M[1]:
-            raise ConfigError(f'sim_node parameter wrist_view_m={wrist} must be 0 (no wrist camera) '
-                              f'or {VIEW_RANGE_M[0]}..{VIEW_RANGE_M[1]} metres')
+        try:
+            wrist = check_wrist_view_m(values['wrist_view_m'])
+        except ConfigError as exc:
+            raise ConfigError(f'sim_node parameter {exc}') from None
         for name in ('camera_topic', 'joint_state_topic', 'action_topic') + \
                 (('wrist_camera_topic',) if wrist else ()):
             if not values[name].strip():

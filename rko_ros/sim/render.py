@@ -75,6 +75,15 @@ def check_view_m(view_m):
     return float(view_m)
 
 
+def check_wrist_view_m(view_m):
+    """`view_m` of a wrist camera as a float: 0 (no wrist camera) or within VIEW_RANGE_M."""
+    low, high = VIEW_RANGE_M
+    if float(view_m) and not low <= float(view_m) <= high:
+        raise ConfigError(f'wrist_view_m={view_m} must be 0 (no wrist camera) or {low}..{high} '
+                          f'metres of table')
+    return float(view_m)
+
+
 def render(sim, size_px=(64, 64), draw_gripper=True, view_m=VIEW_M, center_xy=(0.0, 0.0)):
     """Render `sim` (a ClothSim) to an (H, W, 3) uint8 RGB image seen from above; the shorter
     image side spans `view_m` metres of table around `center_xy` (the table's centre; a wrist

@@ -12,7 +12,7 @@ import numpy as np
 from rko_ros.errors import ConfigError
 from rko_ros.sim.cloth import ClothConfig, ClothSim
 from rko_ros.sim.evaluate import DEFAULT_QUALITY_THRESHOLD, fold_result
-from rko_ros.sim.render import VIEW_M, check_view_m, parse_size, render
+from rko_ros.sim.render import VIEW_M, check_view_m, check_wrist_view_m, parse_size, render
 
 JOINT_NAMES = ('gripper_x', 'gripper_y', 'gripper_closed')
 CAMERA_NAMES = ('camera', 'wrist_camera')
@@ -43,8 +43,7 @@ class TaskConfig:
             raise ConfigError(f'pose_jitter_m={self.pose_jitter_m} (0..0.1) or angle_jitter_rad='
                               f'{self.angle_jitter_rad} (0..0.5) out of range')
         self.view_m = check_view_m(self.view_m)
-        if self.wrist_view_m:
-            self.wrist_view_m = check_view_m(self.wrist_view_m)
+        self.wrist_view_m = check_wrist_view_m(self.wrist_view_m)
         if not 0.0 <= self.quality_threshold <= 1.0:
             raise ConfigError(f'quality_threshold={self.quality_threshold} must be in [0, 1]')
 
