@@ -66,6 +66,13 @@ def test_quick_demo_runs_the_loop_end_to_end(tmp_path):
     assert rounds[1]['model_version'] == rounds[0]['new_version']
     assert rounds[-1]['new_version'] == summary['aligned_version']
     assert 'round 2: 1 episode of' in result.stdout
+    # Where the time went: every stage timed, together within the wall time.
+    stage_s = summary['stage_s']
+    expected = {'demonstrations', 'pretraining', 'bring_up', 'labelled_episodes', 'evaluation'}
+    expected |= set() if summary['finetune_skipped'] else {'fine_tuning'}
+    assert set(stage_s) == expected and all(v > 0 for v in stage_s.values())
+    assert sum(stage_s.values()) <= summary['wall_s']
+    assert f"time by stage: demonstrations {stage_s['demonstrations']:.0f} s" in result.stdout
     _two_finetunings_in_a_row(out, list(labels))
 
 

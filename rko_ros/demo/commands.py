@@ -1,4 +1,5 @@
 """`rko demo` (what `make demo` runs) and `rko bench alignment` (the paper's comparison in sim)."""
+import contextlib
 import json
 import os
 import sys
@@ -237,15 +238,34 @@ def _stage(name):
     print(f'\n== {name}', file=sys.stderr, flush=True)
 
 
+class Stopwatch:
+    """Seconds spent per stage name, summed over every `with stopwatch(name):` block."""
+
+    def __init__(self, initial=None):
+        self.seconds = dict(initial or {})
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def rounded(self):
+        return {name: round(value, 1) for name, value in self.seconds.items()}
+
+
 def _pretrained(cfg, progress=True):
-    """Demonstrations + pretraining, reused from cfg.data_dir when already there (--keep)."""
+    """Demonstrations + pretraining, reused from cfg.data_dir when already there (--keep).
+    Returns (version, metrics, {stage: seconds}); the stages are empty when reused."""
     from tqdm import tqdm
     from rko_ros.demo import pipeline
     from rko_ros.policy.store import ModelStore
     store = ModelStore(cfg.data_dir)
     pretrained = [v for v in store.versions() if store.read_card(v).get('method') == 'pretrain']
     if pretrained:
-        return pretrained[-1], store.read_card(pretrained[-1]).get('metrics', {}), 0.0
+        return pretrained[-1], store.read_card(pretrained[-1]).get('metrics', {}), {}
     from rko_ros.policy.train import resolve_precision
     precision = resolve_precision(cfg.pretrain_precision, cfg.device)   # refused before any work
     _stage(f'1/5 scripted demonstrations ({len(cfg.styles)} styles x {cfg.demos_per_style})')
@@ -260,10 +280,12 @@ def _pretrained(cfg, progress=True):
         print(f'  {redone} failed demonstrations redone on their cloth, {left_out} left out '
               f'(--demo-attempts {cfg.demo_attempts})', file=sys.stderr, flush=True)
     _stage(f'2/5 pretraining the small diffusion policy ({cfg.pretrain_steps} steps, {precision})')
+    pretrain_start = time.perf_counter()
     version, metrics = pipeline.pretrain(cfg, ids, progress=progress)
     metrics.update(demonstration_success=demo_success, demonstrations_redone=redone,
                    demonstrations_left_out=left_out)
-    return version, metrics, time.perf_counter() - start
+    return version, metrics, {'demonstrations': pretrain_start - start,
+                              'pretraining': time.perf_counter() - pretrain_start}
 
 
 def _demo(args):
@@ -282,13 +304,16 @@ def _demo(args):
                        f'to reuse its demonstrations and pretrained model')
     pipeline.ensure_dir(cfg.data_dir)
     t0 = time.perf_counter()
-    pretrained, pretrain_metrics, _ = _pretrained(cfg)
+    pretrained, pretrain_metrics, stage_s = _pretrained(cfg)
+    stage_s = Stopwatch(stage_s)
     operator = SimulatedOperator(cfg.preferred_style)
     params = write_demo_params(os.path.join(cfg.data_dir, 'demo_params.yaml'), cfg, default_config_path())
     _stage('3/5 bring-up (`rko up --sim`)')
-    loop = RosLoop(cfg.data_dir, params)
+    with stage_s('bring_up'):
+        loop = RosLoop(cfg.data_dir, params)
     try:
-        loop.wait_ready()
+        with stage_s('bring_up'):
+            loop.wait_ready()
         labelled, rounds, skipped = [], [], ''
         new_version = pretrained
         n_rounds = cfg.label_rounds
@@ -307,8 +332,9 @@ def _demo(args):
                 if len(episodes) == bar.total:  # waiting for a desirable label: one more
                     bar.total += 1
                     bar.refresh()
-                episode_id, result, label = loop.run_episode(
-                    label_fn=lambda res: operator.label(SimpleNamespace(**res)))
+                with stage_s('labelled_episodes'):
+                    episode_id, result, label = loop.run_episode(
+                        label_fn=lambda res: operator.label(SimpleNamespace(**res)))
                 episodes.append({'episode': episode_id, 'label': label, 'round': r,
                                  'model_version': new_version, **result})
                 bar.update(1)
@@ -336,7 +362,8 @@ def _demo(args):
                     step = int(float(status.get('step', 0) or 0))
                     bar.update(max(0, step - bar.n))
                 try:
-                    new_version, skipped = loop.finetune_and_reload(on_progress=progress), ''
+                    with stage_s('fine_tuning'):
+                        new_version, skipped = loop.finetune_and_reload(on_progress=progress), ''
                 except GuardRejected as exc:
                     # The guard refused every checkpoint: the robot keeps the model it runs.
                     skipped = str(exc)
@@ -348,7 +375,8 @@ def _demo(args):
         _stage(f'5/5 evaluation of {new_version} through the policy node')
         after = []
         for _ in tqdm(range(cfg.eval_episodes), desc='episodes (after)', unit='episode'):
-            episode_id, result, _ = loop.run_episode()
+            with stage_s('evaluation'):
+                episode_id, result, _ = loop.run_episode()
             after.append({'episode': episode_id, **result})
         # The operator's undo button for models: back to the parent, then forward again.
         rollback_ok = reload_ok = None
@@ -376,6 +404,8 @@ def _demo(args):
         # round's refusal is in its `rounds` entry).
         'finetune_skipped': skipped if new_version == pretrained else '',
         'pretrain': pretrain_metrics,
+        # Where the time went, by stage (seconds; reused demonstrations and model: none).
+        'stage_s': stage_s.rounded(),
         'wall_s': round(time.perf_counter() - t0, 1)}
     summary['target_met'] = (summary['after']['preferred_success'] >= 0.9
                              and summary['labelled_episodes'] <= 20)

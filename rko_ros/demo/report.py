@@ -62,6 +62,9 @@ def demo_table(summary):
         f"fine-tuning seeds differ by about as much again",
         f"  report: {summary.get('report_dir', '')}   wall time {summary.get('wall_s', 0):.0f} s",
     ]
+    if summary.get('stage_s'):
+        lines.append('  time by stage: ' + ', '.join(
+            f"{name.replace('_', ' ')} {seconds:.0f} s" for name, seconds in summary['stage_s'].items()))
     return '\n'.join(lines)
 
 
