@@ -236,7 +236,7 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     from rko_ros.demo.loop import write_demo_params
     from rko_ros.demo.pipeline import DemoConfig
     from rko_ros.ros.commands import default_config_path
-    cfg = DemoConfig(lambda_u=0.25, lambda_sft=2.0, device='cpu', guard_tolerance=None,
+    cfg = DemoConfig(lambda_u=0.25, lambda_sft=2.0, lambda_d=0.5, device='cpu', guard_tolerance=None,
                      preference_min_timestep=30, lambda_retrieved=8.0, noise_scale=0.25,
                      finetune_lr=5e-4)
     path = write_demo_params(str(tmp_path / 'p.yaml'), cfg, default_config_path())
@@ -245,6 +245,7 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     extra = trainer['extra_args']
     pairs = dict(zip(extra[:-1], extra[1:]))
     assert pairs['--lambda-u'] == '0.25' and pairs['--lambda-sft'] == '2.0'
+    assert pairs['--lambda-d'] == '0.5'
     assert pairs['--device'] == 'cpu' and extra[-1] == '--no-guard'
     assert trainer['steps'] == 1200 and pairs['--patience'] == '0' and '--freeze-encoder' not in extra
     assert pairs['--lambda-retrieved'] == '8.0' and pairs['--lr'] == '0.0005'
@@ -293,6 +294,7 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     with open(tmp_path / 'p.yaml') as f:
         first = yaml.safe_load(f)['/**/trainer_node']['ros__parameters']['extra_args']
     assert build_parser().parse_args(['finetune'] + first).retrieved_undesirable_share == 0.5
+    assert build_parser().parse_args(['finetune'] + first).lambda_d == 0.5
     import pytest
     from rko_ros.alignment.trainer import FinetuneConfig
     from rko_ros.errors import TrainingError

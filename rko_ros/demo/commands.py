@@ -54,6 +54,8 @@ def register(subparsers):
                         'see `rko finetune --help`)')
     p.add_argument('--lambda-sft', type=float,
                    help='BC anchor weight during fine-tuning (default 4.0; 0 = the loss as published)')
+    p.add_argument('--lambda-d', type=float,
+                   help='weight of the desirable term of kto/rko (default 1.0, as published)')
     _guard_args(p, '0.5')
     p.add_argument('--seed', type=int, default=0)
     _device_arg(p)
@@ -96,6 +98,8 @@ def register_bench(bench_subparsers):
                    help='weight of the undesirable term of kto/rko (default 1.0, as published)')
     p.add_argument('--lambda-sft', type=float, default=0.0,
                    help='BC anchor weight for every method (default 0: the losses as published)')
+    p.add_argument('--lambda-d', type=float, default=1.0,
+                   help='weight of the desirable term of kto/rko (default 1.0, as published)')
     _guard_args(p, 'off, the methods as published')
     _finetune_run_args(p)
     # The bench's defaults: the methods as published.
@@ -214,6 +218,7 @@ def _config(args):
         'finetune_steps': args.finetune_steps,
         'lambda_sft': getattr(args, 'lambda_sft', None),
         'lambda_u': getattr(args, 'lambda_u', None),
+        'lambda_d': getattr(args, 'lambda_d', None),
         'guard_tolerance': args.guard_tolerance,
         'finetune_patience': args.finetune_patience, 'freeze_encoder': args.freeze_encoder,
         'finetune_lr': args.finetune_lr,

@@ -45,6 +45,7 @@ def write_demo_params(path, cfg, base_config):
                                    '--seed', str(cfg.seed), '--lr', repr(cfg.finetune_lr),
                                    '--lambda-sft', repr(cfg.lambda_sft),
                                    '--lambda-u', repr(cfg.lambda_u),
+                                   '--lambda-d', repr(cfg.lambda_d),
                                    '--patience', str(cfg.finetune_patience),
                                    '--select', cfg.finetune_select,
                                    '--ema-decay', repr(cfg.finetune_ema_decay),

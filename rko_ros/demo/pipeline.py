@@ -128,6 +128,7 @@ class DemoConfig:
     # success, 0.25 / 1 35%, 1 / 4 37.5%, 0.25 / 4 42.5% (kto 37.5%).
     lambda_sft: float = 4.0      # BC anchor on the desirable windows (see FinetuneConfig)
     lambda_u: float = 0.25       # weight of the undesirable (KTO/RKO) term
+    lambda_d: float = 1.0        # weight of the desirable (KTO/RKO) term
     guard_tolerance: float = 0.5  # execution guard of model selection (FinetuneConfig); None = off
     device: str = 'cpu'           # torch device of pretraining and fine-tuning ('cuda' on a GPU box)
     # Pretraining moves each window's camera image by up to this many pixels and the gripper's
