@@ -434,6 +434,11 @@ def test_bench_merge_combines_runs_split_over_processes(tmp_path):
         merge_results([sweep, other_base])
     with pytest.raises(RkoError, match='lambda_retrieved'):
         merge_results([sweep, dict(twenty, lambda_retrieved=0.0)])
+    # A result from before lambda_d was recorded ran with 1.0, the only value there was then.
+    assert 'lambda_d' not in sweep
+    assert len(merge_results([sweep, dict(twenty, lambda_d=1.0)])['runs']) == 9 + 12
+    with pytest.raises(RkoError, match=r'lambda_d \(1.0 / 0.0\)'):
+        merge_results([sweep, dict(twenty, lambda_d=0.0)])
     # The next seed from another process (--first-seed 1); seed 0 rerun there, named anew.
     seed1 = _bench_line(['rko', 'sft'], [40], [('rko', 40, 1, 0.925), ('sft', 40, 1, 0.85)],
                         first_seed=1)

@@ -155,6 +155,13 @@ def leads(table, methods, label_counts):
 # What a merge recomputes from the runs; every other key of the JSON lines must agree.
 _MERGED_KEYS = ('methods', 'labels', 'seeds', 'first_seed', 'table', 'runs', 'rko_ahead_of',
                 'rko_ahead_beyond_two_se_of', 'rko_ahead_by_labels', 'plot')
+# Settings a result carries only since they became options: the value every earlier run had, so
+# a result written before (docs/bench/) still merges with a new one of the same setting.
+_SETTING_DEFAULTS = {'lambda_d': 1.0}
+
+
+def _setting(result, key):
+    return result.get(key, _SETTING_DEFAULTS.get(key))
 
 
 def merge_results(results, plot_path=None):
@@ -169,9 +176,10 @@ def merge_results(results, plot_path=None):
         if other.get('bench') != 'alignment' or 'runs' not in other:
             raise RkoError(f'result {i} is not an alignment bench result')
         keys = (set(first) | set(other)) - set(_MERGED_KEYS)
-        differ = sorted(k for k in keys if first.get(k) != other.get(k))
+        differ = sorted(k for k in keys if _setting(first, k) != _setting(other, k))
         if differ:
-            shown = ', '.join(f'{k} ({first.get(k)!r} / {other.get(k)!r})' for k in differ[:4])
+            shown = ', '.join(f'{k} ({_setting(first, k)!r} / {_setting(other, k)!r})'
+                              for k in differ[:4])
             raise RkoError(f'result {i} is not from the same pretrained model and settings as '
                            f'result 1: {shown}{" ..." if len(differ) > 4 else ""}')
     runs, seen = [], {}
