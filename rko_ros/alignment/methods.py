@@ -22,8 +22,8 @@ def undesirable_share(method, lambda_retrieved, share):
 
 
 def check_finetune_options(error=ConfigError, names=None, *, method, lr, select, ema_decay,
-                           lambda_retrieved, retrieved_undesirable_share, share_where_it_applies=False,
-                           max_lr=1.0):
+                           lambda_retrieved, retrieved_undesirable_share, lambda_sft, lambda_u,
+                           lambda_d, share_where_it_applies=False, max_lr=1.0):
     """Raise `error` naming the first invalid option and its fix. `names` maps an option to the
     caller's name for it (DemoConfig's `finetune_lr` is FinetuneConfig's `lr`). `max_lr`: the
     largest learning rate the caller accepts (FinetuneConfig 1, so a test can break a model on
@@ -44,6 +44,9 @@ def check_finetune_options(error=ConfigError, names=None, *, method, lr, select,
         raise error(f'{n["ema_decay"]}={ema_decay} must be in [0, 1) (0 = off)')
     if float(lambda_retrieved) < 0:
         raise error(f'{n["lambda_retrieved"]}={lambda_retrieved} must be >= 0')
+    for name, value in (('lambda_sft', lambda_sft), ('lambda_u', lambda_u), ('lambda_d', lambda_d)):
+        if float(value) < 0:
+            raise error(f'{name}={value} must be >= 0')
     share = float(retrieved_undesirable_share)
     if not 0.0 <= share < 1.0:
         raise error(f'{n["retrieved_undesirable_share"]}={share} must be in [0, 1)')

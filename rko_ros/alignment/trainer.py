@@ -150,7 +150,9 @@ class FinetuneConfig:
     def __post_init__(self):
         check_finetune_options(TrainingError, method=self.method, lr=self.lr, select=self.select,
                                ema_decay=self.ema_decay, lambda_retrieved=self.lambda_retrieved,
-                               retrieved_undesirable_share=self.retrieved_undesirable_share)
+                               retrieved_undesirable_share=self.retrieved_undesirable_share,
+                               lambda_sft=self.lambda_sft, lambda_u=self.lambda_u,
+                               lambda_d=self.lambda_d)
         if self.beta is None:
             self.beta = losses.DEFAULT_BETA[self.method]
         if self.reduction not in ('sum', 'mean'):
@@ -165,7 +167,7 @@ class FinetuneConfig:
             raise TrainingError(f'retrieval_threshold={self.retrieval_threshold} must be in [0, 1)')
         if self.retrieval_reach < 0:
             raise TrainingError(f'retrieval_reach={self.retrieval_reach} must be >= 0 (0 = no reach test)')
-        for name in ('lambda_sft', 'lambda_behaviour', 'lambda_fkl', 'lambda_d', 'lambda_u'):
+        for name in ('lambda_behaviour', 'lambda_fkl'):
             if getattr(self, name) < 0:
                 raise TrainingError(f'{name}={getattr(self, name)} must be >= 0')
         if self.guard_windows not in ('desirable', 'behaviour'):

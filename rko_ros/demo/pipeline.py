@@ -170,12 +170,8 @@ class DemoConfig:
                           'ema_decay': 'finetune_ema_decay'},
             method=self.method, lr=self.finetune_lr, select=self.finetune_select,
             ema_decay=self.finetune_ema_decay, lambda_retrieved=self.lambda_retrieved,
-            retrieved_undesirable_share=self.retrieved_undesirable_share, share_where_it_applies=True,
-            max_lr=0.1)
-        # Refused here, not after the pretraining, when the trainer node first builds its config.
-        for name in ('lambda_sft', 'lambda_u', 'lambda_d'):
-            if float(getattr(self, name)) < 0:
-                raise ConfigError(f'{name}={getattr(self, name)} must be >= 0')
+            retrieved_undesirable_share=self.retrieved_undesirable_share, lambda_sft=self.lambda_sft,
+            lambda_u=self.lambda_u, lambda_d=self.lambda_d, share_where_it_applies=True, max_lr=0.1)
         if int(self.demo_attempts) < 1:
             raise ConfigError(f'demo_attempts={self.demo_attempts} must be >= 1 (1 = keep every '
                               f'demonstration, failed or not)')
