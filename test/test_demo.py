@@ -225,7 +225,7 @@ def test_demo_noise_scales_the_demonstrators_scatter(tmp_path):
     assert DemoConfig().demo_attempts == 3
     with pytest.raises(ConfigError, match='demo_attempts=0 must be >= 1'):
         DemoConfig(demo_attempts=0)
-    assert DemoConfig().pretrain_precision == 'fp32'
+    assert DemoConfig().pretrain_precision == 'auto'   # the faster of fp32 / bf16, timed
     with pytest.raises(ConfigError, match="pretrain_precision='half' must be one of fp32"):
         DemoConfig(pretrain_precision='half')
     assert DemoConfig(pretrain_precision='auto').policy_config().train.precision == 'auto'
@@ -252,6 +252,8 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     assert pairs['--retrieved-undesirable-share'] == '0.5'     # the demo's default
     assert pairs['--preference-min-timestep'] == '30'
     assert pairs['--select'] == 'last' and pairs['--ema-decay'] == '0.995'   # the demo's defaults
+    # No episode runs while the demo fine-tunes: every core trains (the node alone keeps one).
+    assert trainer['train_threads'] == len(os.sched_getaffinity(0)) >= 1
     with open(path) as f:   # every ROS episode samples at the demo's noise scale
         params = yaml.safe_load(f)
     assert params['/**/policy_node']['ros__parameters']['noise_scale'] == 0.25
@@ -271,11 +273,12 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
         assert params['/**/sim_node']['ros__parameters']['wrist_view_m'] == wrist
         assert DemoConfig(wrist_view_m=wrist).policy_config().obs.camera_names == policy['camera_names']
     cfg = DemoConfig(freeze_encoder=True, finetune_select='margin', finetune_ema_decay=0.0, finetune_patience=4, finetune_steps=600, lambda_retrieved=0.0,
-                     preference_min_timestep=0)
+                     preference_min_timestep=0, finetune_threads=1)
     path = write_demo_params(str(tmp_path / 'q.yaml'), cfg, default_config_path())
     with open(path) as f:
         trainer = yaml.safe_load(f)['/**/trainer_node']['ros__parameters']
     extra = trainer['extra_args']
+    assert trainer['train_threads'] == 1
     assert trainer['steps'] == 600 and '--freeze-encoder' in extra
     assert dict(zip(extra[:-1], extra[1:]))['--patience'] == '4' and '--lambda-retrieved' not in extra
     assert '--preference-min-timestep' not in extra
@@ -303,6 +306,8 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     # DemoConfig checks the fine-tuning options as FinetuneConfig does, under its own names; its
     # share goes to kto/rko runs with the retrieval anchor only (sft and dpo get 0, not an error).
     from rko_ros.errors import ConfigError
+    with pytest.raises(ConfigError, match='finetune_threads=-1 must be >= 0'):
+        DemoConfig(finetune_threads=-1)
     for bad, match in ((dict(finetune_lr=0.5), r'finetune_lr=0.5 must be in \(0, 0.1\]'),
                        (dict(finetune_select='best'), "finetune_select 'best' must be"),
                        (dict(finetune_ema_decay=1.0), r'finetune_ema_decay=1.0 must be in \[0, 1\)'),

@@ -361,6 +361,42 @@ def test_precision_is_checked_resolved_and_refused_where_bf16_is_not_native(monk
         train_bc(policy, windows, progress=False)
 
 
+@pytest.mark.parametrize('chosen', ['fp32', 'bf16'])
+def test_auto_precision_times_both_and_trains_as_the_chosen_one_would(monkeypatch, chosen):
+    from rko_ros.policy import train as train_mod
+    monkeypatch.setattr(train_mod, 'bf16_native', lambda device: True)   # timed on any CPU
+    windows, _ = make_two_mode_windows(tiny_config(), n=32, seed=0)
+    timed = {}
+    real = train_mod.time_precisions
+
+    def rigged(policy, windows, cfg, device, augment=None):
+        # The real timing, then its verdict set to `chosen` (which is faster depends on the CPU).
+        before = [p.detach().clone() for p in policy.parameters()]
+        state = torch.get_rng_state()
+        got, ms = real(policy, windows, cfg, device, augment, steps=2, warmup=1)
+        assert got == ('bf16' if ms['bf16'] * train_mod.AUTO_BF16_MIN_SPEEDUP <= ms['fp32']
+                       else 'fp32')
+        assert set(ms) == {'fp32', 'bf16'} and min(ms.values()) > 0
+        # The timing trained a throwaway copy: the weights and the random stream are untouched.
+        assert all(torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+        assert torch.equal(state, torch.get_rng_state())
+        timed.update(ms)
+        return chosen, ms
+    monkeypatch.setattr(train_mod, 'time_precisions', rigged)
+    results = {}
+    for precision in ('auto', chosen):
+        torch.manual_seed(0)
+        policy = DiffusionPolicy(tiny_config(train={'steps': 5, 'precision': precision}))
+        ema, metrics = train_bc(policy, windows, progress=False)
+        assert metrics['precision'] == chosen
+        results[precision] = (metrics, [p.detach().clone() for p in ema.parameters()])
+    assert results['auto'][0]['precision_ms'] == timed
+    assert 'precision_ms' not in results[chosen][0]           # timed only for 'auto'
+    # The same training, step for step, as asking for the chosen precision outright.
+    assert results['auto'][0]['final_loss'] == results[chosen][0]['final_loss']
+    assert all(torch.equal(a, b) for a, b in zip(results['auto'][1], results[chosen][1]))
+
+
 @pytest.mark.skipif(not bf16_native('cpu'), reason='this CPU has no native bfloat16')
 def test_bf16_training_runs_the_forward_in_bf16_and_keeps_float32_weights():
     windows, _ = make_two_mode_windows(tiny_config(), n=64, seed=0)

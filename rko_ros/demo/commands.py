@@ -48,6 +48,10 @@ def register(subparsers):
     p.add_argument('--eval-episodes', type=int, help='episodes run after the hot swap')
     p.add_argument('--finetune-steps', type=int,
                    help='fine-tuning steps (default 1200)')
+    p.add_argument('--finetune-threads', type=int,
+                   help='torch threads of each fine-tuning, the trainer node\'s train_threads '
+                        '(default 0 = every core: no episode runs while the demo fine-tunes; '
+                        'the node alone keeps one core for the others)')
     _finetune_run_args(p)
     p.add_argument('--lambda-u', type=float,
                    help='weight of the undesirable term of kto/rko (default 0.25; 1 = as published; '
@@ -132,9 +136,11 @@ def _device_arg(p):
                         'On a GPU, --pretrain-steps 12000 trains the base policy that completes '
                         'about 90%% of its folds (README)')
     p.add_argument('--precision', choices=PRECISIONS,
-                   help='arithmetic of pretraining: fp32 (default), bf16 autocast (weights stay '
-                        'float32), or auto = bf16 on a CPU with native bfloat16 (AVX512-BF16 or '
-                        'AMX), fp32 elsewhere; `rko bench train` says whether it pays here')
+                   help='arithmetic of pretraining: fp32, bf16 autocast (weights stay float32), '
+                        'or auto = on a CPU with native bfloat16 (AVX512-BF16 or AMX) the faster '
+                        'of the two, timed on a few steps at the start, fp32 elsewhere (`rko '
+                        'demo` default: auto; `rko train`: the config, fp32 unless set). `rko '
+                        'bench train` shows both')
 
 
 def _sim_episode_args(p):
@@ -216,6 +222,7 @@ def _config(args):
         'round_min_desirable': getattr(args, 'round_min_desirable', None),
         'eval_episodes': getattr(args, 'eval_episodes', None),
         'finetune_steps': args.finetune_steps,
+        'finetune_threads': getattr(args, 'finetune_threads', None),
         'lambda_sft': getattr(args, 'lambda_sft', None),
         'lambda_u': getattr(args, 'lambda_u', None),
         'lambda_d': getattr(args, 'lambda_d', None),
@@ -284,9 +291,15 @@ def _pretrained(cfg, progress=True):
     if redone or left_out:
         print(f'  {redone} failed demonstrations redone on their cloth, {left_out} left out '
               f'(--demo-attempts {cfg.demo_attempts})', file=sys.stderr, flush=True)
+    if cfg.pretrain_precision == 'auto' and precision == 'bf16':
+        precision = 'fp32 or bf16, the faster here'
     _stage(f'2/5 pretraining the small diffusion policy ({cfg.pretrain_steps} steps, {precision})')
     pretrain_start = time.perf_counter()
     version, metrics = pipeline.pretrain(cfg, ids, progress=progress)
+    if metrics.get('precision_ms'):
+        timed = ', '.join(f'{p} {ms:.1f} ms' for p, ms in metrics['precision_ms'].items())
+        print(f"  precision {metrics['precision']} (a BC step timed here: {timed})",
+              file=sys.stderr, flush=True)
     metrics.update(demonstration_success=demo_success, demonstrations_redone=redone,
                    demonstrations_left_out=left_out)
     return version, metrics, {'demonstrations': pretrain_start - start,

@@ -41,6 +41,7 @@ def write_demo_params(path, cfg, base_config):
     trainer = params.setdefault('/**/trainer_node', {}).setdefault('ros__parameters', {})
     share = cfg.finetune_undesirable_share(cfg.method)
     trainer.update({'method': cfg.method, 'steps': int(cfg.finetune_steps), 'auto_reload': True,
+                    'train_threads': cfg.finetune_thread_count(),
                     'extra_args': ['--batch-size', str(cfg.batch_size // 2),
                                    '--seed', str(cfg.seed), '--lr', repr(cfg.finetune_lr),
                                    '--lambda-sft', repr(cfg.lambda_sft),

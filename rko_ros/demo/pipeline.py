@@ -105,6 +105,13 @@ class DemoConfig:
     finetune_select: str = 'last'
     finetune_ema_decay: float = 0.995
     freeze_encoder: bool = False  # fine-tune the action network only (FinetuneConfig)
+    # torch threads of each fine-tuning (the trainer node's train_threads). 0: every core. The
+    # trainer node keeps a core for the nodes by default, as a robot trains while it runs; the
+    # demo runs no episode while it fine-tunes, and the idle nodes take 15% of a core. On the
+    # 2-core AMD development CPU (2026-11-29), 200 steps of the demo's round-2 fine-tuning
+    # beside an idle `rko up --sim`: 27.2 s with two threads against 34.1 s with one; on the
+    # Intel one of the days before, 317 / 324 ms a step against 322 / 276 ms (rounds 1 / 2).
+    finetune_threads: int = 0
     # BC anchor on the demonstrations like the desirable episodes. 16 rather than 4: offline, 80
     # new cloths, each base's own 20 labels, rko 75% against 68.75% preferred-style success from
     # the 6000-step base (share 86% / 82.5%), 63.75% against 55% from the 3000-step base. 32
@@ -134,13 +141,14 @@ class DemoConfig:
     # Pretraining moves each window's camera image by up to this many pixels and the gripper's
     # positions with it (PolicyConfig train.shift_joints): the same fold at another placement.
     shift_px: int = 0
-    # Arithmetic of pretraining (PolicyConfig train.precision; 'auto' = bf16 autocast on a CPU
-    # with native bfloat16, AVX512-BF16 / AMX). fp32: on the 2-core AMX development CPU bf16 did
-    # not pay (2026-11-28 evening: `rko bench train` 160-166 ms per step against 137-162 in
-    # fp32, 6000 demo steps 922 s against 951 s; an earlier 93 against 112-143 ms did not repeat)
-    # and trained bases of the same execution (offline any-style, seed 0 86.25 / 87.5%, seed 1
-    # 91.25 / 90%; fp32 bases 85-88%).
-    pretrain_precision: str = 'fp32'
+    # Arithmetic of pretraining (PolicyConfig train.precision). 'auto': on a CPU with native
+    # bfloat16 (AVX512-BF16 / AMX) the faster of bf16 autocast and fp32, timed on a few steps
+    # first; fp32 elsewhere. Native is not always faster: on the 2-core Intel AMX development
+    # CPU bf16 did not pay (2026-11-28 evening: `rko bench train` 160-166 ms per step against
+    # 137-162 in fp32, 6000 demo steps 922 s against 951 s), on the 2-core AMD EPYC with
+    # AVX512-BF16 (2026-11-29) the demo's BC step took 70 ms against 90-99 ms. bf16 bases fold
+    # as well (offline any-style, seed 0 86.25 / 87.5%, seed 1 91.25 / 90%; fp32 bases 85-91%).
+    pretrain_precision: str = 'auto'
     # The policy node's noise_scale in every ROS episode (labelled and evaluated alike, so before
     # and after are measured the same way) and in the report's offline frames. 1, as Diffusion
     # Policy samples: below 1 this task's policies drift to left_to_right, the preferred style,
@@ -172,6 +180,9 @@ class DemoConfig:
             ema_decay=self.finetune_ema_decay, lambda_retrieved=self.lambda_retrieved,
             retrieved_undesirable_share=self.retrieved_undesirable_share, lambda_sft=self.lambda_sft,
             lambda_u=self.lambda_u, lambda_d=self.lambda_d, share_where_it_applies=True, max_lr=0.1)
+        if int(self.finetune_threads) < 0:
+            raise ConfigError(f'finetune_threads={self.finetune_threads} must be >= 0 (0 = every '
+                              f'core)')
         if int(self.demo_attempts) < 1:
             raise ConfigError(f'demo_attempts={self.demo_attempts} must be >= 1 (1 = keep every '
                               f'demonstration, failed or not)')
@@ -195,6 +206,13 @@ class DemoConfig:
         """retrieved_undesirable_share for a fine-tuning with `method`: kto/rko with the retrieval
         anchor on take it, the others have no undesirable windows of their own (0)."""
         return undesirable_share(method, self.lambda_retrieved, self.retrieved_undesirable_share)
+
+    def finetune_thread_count(self):
+        """torch threads of each fine-tuning: finetune_threads, or with 0 every core."""
+        if self.finetune_threads:
+            return int(self.finetune_threads)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+        return max(1, int(cores or 1))
 
     def task_config(self):
         return TaskConfig(image_size_px=tuple(self.image_size_px), wrist_view_m=self.wrist_view_m)

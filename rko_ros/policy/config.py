@@ -145,7 +145,9 @@ class TrainConfig:
     shift_joints: dict = dataclasses.field(default_factory=dict)
     # Arithmetic of the BC forward pass: 'fp32'; 'bf16' (torch.autocast to bfloat16; the weights,
     # the optimizer and the EMA copy stay float32, so the model written is the same kind); 'auto'
-    # = bf16 on a CPU that multiplies bfloat16 natively (AVX512-BF16 or AMX), fp32 elsewhere.
+    # = on a CPU that multiplies bfloat16 natively (AVX512-BF16 or AMX) the faster of the two,
+    # timed on a few steps of a throwaway copy first (policy.train.time_precisions: native is
+    # not always faster), fp32 elsewhere.
     # Fine-tuning stays fp32: its losses are differences of two models' denoising errors.
     precision: str = 'fp32'
 
