@@ -296,10 +296,6 @@ def _pretrained(cfg, progress=True):
     _stage(f'2/5 pretraining the small diffusion policy ({cfg.pretrain_steps} steps, {precision})')
     pretrain_start = time.perf_counter()
     version, metrics = pipeline.pretrain(cfg, ids, progress=progress)
-    if metrics.get('precision_ms'):
-        timed = ', '.join(f'{p} {ms:.1f} ms' for p, ms in metrics['precision_ms'].items())
-        print(f"  precision {metrics['precision']} (a BC step timed here: {timed})",
-              file=sys.stderr, flush=True)
     metrics.update(demonstration_success=demo_success, demonstrations_redone=redone,
                    demonstrations_left_out=left_out)
     return version, metrics, {'demonstrations': pretrain_start - start,

@@ -6,6 +6,7 @@ ArrayWindows below) or any sequence of dicts with those keys.
 """
 import copy
 import math
+import sys
 
 import numpy as np
 import torch
@@ -233,6 +234,10 @@ def train_bc(policy, windows, train_cfg=None, progress=True, fit_normalizer=True
     policy.to(device).train()
     if cfg.precision == 'auto' and precision == 'bf16':
         precision, precision_ms = time_precisions(policy, windows, cfg, device, augment)
+        if progress:
+            timed = ', '.join(f'{p} {ms:.1f} ms' for p, ms in precision_ms.items())
+            print(f"precision auto: {precision} (a step timed here: {timed}; bf16 is taken when "
+                  f"{AUTO_BF16_MIN_SPEEDUP}x faster)", file=sys.stderr, flush=True)
     ema = copy.deepcopy(policy).eval() if cfg.ema_decay > 0 else policy
     step_fn = (GraphedBCStep if graphed else EagerBCStep)(policy, ema, cfg, device, precision)
     losses = []
