@@ -146,8 +146,10 @@ class DemoConfig:
     # first; fp32 elsewhere. Native is not always faster: on the 2-core Intel AMX development
     # CPU bf16 did not pay (2026-11-28 evening: `rko bench train` 160-166 ms per step against
     # 137-162 in fp32, 6000 demo steps 922 s against 951 s), on the 2-core AMD EPYC with
-    # AVX512-BF16 (2026-11-29) the demo's BC step took 70 ms against 90-99 ms. bf16 bases fold
-    # as well (offline any-style, seed 0 86.25 / 87.5%, seed 1 91.25 / 90%; fp32 bases 85-91%).
+    # AVX512-BF16 (2026-11-29) the demo's BC step took 64.6 ms against 74.7 ms (interleaved),
+    # and the demo's pretraining 460-476 s against 556 s. bf16 bases fold about as well (offline
+    # any-style, 80 new cloths x two draws: seeds 0 / 1 86.25 / 87.5% and 91.25 / 90% on
+    # 2026-11-28, 83.75 / 86.25% and 85 / 90% on 2026-11-29; fp32 bases 85-91%).
     pretrain_precision: str = 'auto'
     # The policy node's noise_scale in every ROS episode (labelled and evaluated alike, so before
     # and after are measured the same way) and in the report's offline frames. 1, as Diffusion

@@ -7,6 +7,7 @@ ArrayWindows below) or any sequence of dicts with those keys.
 import copy
 import math
 import sys
+import time
 
 import numpy as np
 import torch
@@ -279,9 +280,8 @@ def time_precisions(policy, windows, cfg, device, augment=None, steps=8, warmup=
     of the training are left as they were). Returns (precision, {precision: median ms a step}).
 
     Native is not enough: on a 2-core Intel CPU with AMX a BC step of the cloth demo's policy took
-    about as long in bf16 as in fp32, on a 2-core AMD EPYC with AVX512-BF16 70 against 92-99 ms.
-    Costs 2 * (warmup + steps) steps (about 2 s for the demo's policy)."""
-    import time
+    about as long in bf16 as in fp32, on a 2-core AMD EPYC with AVX512-BF16 64.6 against 74.7 ms
+    (interleaved). Costs 2 * (warmup + steps) steps (about 2 s for the demo's policy)."""
     torch_state = torch.get_rng_state()
     rng = np.random.default_rng(12345)
     probe = copy.deepcopy(policy).train()
