@@ -40,8 +40,9 @@ def write_demo_params(path, cfg, base_config):
     episode['camera_topics'] = cfg.camera_topics()
     trainer = params.setdefault('/**/trainer_node', {}).setdefault('ros__parameters', {})
     share = cfg.finetune_undesirable_share(cfg.method)
+    from rko_ros.ros.trainer_node import cpu_cores
     trainer.update({'method': cfg.method, 'steps': int(cfg.finetune_steps), 'auto_reload': True,
-                    'train_threads': cfg.finetune_thread_count(),
+                    'train_threads': int(cfg.finetune_threads) or cpu_cores(),
                     'extra_args': ['--batch-size', str(cfg.batch_size // 2),
                                    '--seed', str(cfg.seed), '--lr', repr(cfg.finetune_lr),
                                    '--lambda-sft', repr(cfg.lambda_sft),

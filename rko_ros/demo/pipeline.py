@@ -209,13 +209,6 @@ class DemoConfig:
         anchor on take it, the others have no undesirable windows of their own (0)."""
         return undesirable_share(method, self.lambda_retrieved, self.retrieved_undesirable_share)
 
-    def finetune_thread_count(self):
-        """torch threads of each fine-tuning: finetune_threads, or with 0 every core."""
-        if self.finetune_threads:
-            return int(self.finetune_threads)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-        return max(1, int(cores or 1))
-
     def task_config(self):
         return TaskConfig(image_size_px=tuple(self.image_size_px), wrist_view_m=self.wrist_view_m)
 

@@ -50,6 +50,12 @@ PARAMETERS = {
 }
 
 
+def cpu_cores():
+    """CPU cores this process may run on (its affinity mask where the OS has one), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return max(1, int(cores or 1))
+
+
 def train_threads(requested, cores=None):
     """torch threads for a fine-tuning beside the running nodes: `requested`, or with 0 one per
     core but one, so the control loop and the recorder keep a core while the robot's computer
@@ -59,7 +65,7 @@ def train_threads(requested, cores=None):
     if requested:
         return int(requested)
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+        cores = cpu_cores()
     return max(1, int(cores or 1) - 1)
 
 
