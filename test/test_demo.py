@@ -26,6 +26,8 @@ def test_quick_demo_runs_the_loop_end_to_end(tmp_path):
     pretrain = summary['pretrain']
     assert pretrain['demonstration_success'] == 1.0
     assert pretrain['demonstrations_redone'] >= 0 and pretrain['demonstrations_left_out'] >= 0
+    # Pretraining drew the windows where the gripper closes or opens 3x as often (the default).
+    assert pretrain['event_weight'] == 3.0 and 0 < pretrain['event_windows'] < pretrain['windows']
     # Every episode, scripted or run through the policy node, is a complete bag in the catalog.
     with Catalog(str(out)) as catalog:
         episodes = catalog.list()

@@ -10,14 +10,15 @@ import torch
 import yaml
 
 from rko_ros import cli
-from rko_ros.errors import ConfigError, ModelFileError, PolicyInputError
+from rko_ros.errors import ConfigError, ModelFileError, PolicyInputError, TrainingError
 from rko_ros.policy.checkpoint import load_checkpoint, save_checkpoint
 from rko_ros.policy.config import PolicyConfig
 from rko_ros.policy.model import DiffusionPolicy
 from rko_ros.policy.runtime import PolicyRuntime
 from rko_ros.policy.store import ModelStore
 from rko_ros.policy.synthetic import make_two_mode_windows, mode_of
-from rko_ros.policy.train import EagerBCStep, ShiftAugment, bf16_native, collate, train_bc
+from rko_ros.policy.train import (ArrayWindows, EagerBCStep, ShiftAugment, bf16_native, collate,
+                                   event_windows, train_bc, window_sampler)
 
 TINY = {'obs': {'image_size_px': [32, 32]},
         'model': {'encoder_channels': [8, 16], 'feature_dim': 16, 'down_dims': [32, 64],
@@ -445,3 +446,84 @@ def test_bc_step_uses_the_fused_adamw_and_steps_as_the_plain_one_does():
     # one step. A wrong update (bias correction, weight decay) would be off by about lr per step.
     for a, b in zip(params[True], params[False]):
         torch.testing.assert_close(a, b, rtol=0.0, atol=1e-4)
+
+
+def _gripper_windows(closed_now, chunks):
+    """ArrayWindows of 16x16 blank images whose newest observed gripper_closed is `closed_now[i]`
+    and whose action chunk's gripper_closed column is `chunks[i]` (horizon 8)."""
+    m = len(chunks)
+    state = np.zeros((m, 1, 3), np.float32)
+    state[:, 0, 2] = closed_now
+    action = np.zeros((m, 8, 3), np.float32)
+    action[:, :, 2] = np.asarray(chunks, np.float32)
+    action[:, :, 0] = np.linspace(0, 1, 8)        # x moves: only gripper_closed marks events
+    return ArrayWindows(np.zeros((m, 1, 1, 3, 16, 16), np.uint8), state, action)
+
+
+def test_event_windows_are_those_where_the_gripper_switches_before_the_next_plan():
+    cfg = PolicyConfig.preset('small', obs={'image_size_px': [16, 16], 'n_obs_steps': 1},
+                              action={'horizon': 8, 'n_action_steps': 4},
+                              train={'event_action': 'gripper_closed', 'event_weight': 3})
+    o, c = 0, 1
+    chunks = [[o] * 8,                       # carries on open: no event
+              [o, o, o, c, c, c, c, c],      # closes at the 4th action, executed: event
+              [o, o, o, o, c, c, c, c],      # closes at the 5th, after the next plan: no event
+              [c] * 8,                       # observed open, commanded closed at once: event
+              [c] * 8,                       # observed closed, stays closed: no event
+              [c, c, o, o, o, o, o, o]]      # releases at the 3rd: event
+    windows = _gripper_windows([o, o, o, o, c, c], chunks)
+    np.testing.assert_array_equal(event_windows(cfg, windows),
+                                  [False, True, False, True, False, True])
+    # A gripper command in other units (a width in metres, closed = 0.0) is cut at its midpoint.
+    width = ArrayWindows(windows.images, 0.08 * (1 - windows.state), windows.action.copy())
+    width.action[:, :, 2] = 0.08 * (1 - windows.action[:, :, 2])
+    np.testing.assert_array_equal(event_windows(cfg, width), event_windows(cfg, windows))
+    # Off unless both are set; a constant command has no events to weight.
+    plain = PolicyConfig.preset('small', obs={'image_size_px': [16, 16], 'n_obs_steps': 1},
+                                action={'horizon': 8, 'n_action_steps': 4})
+    assert event_windows(plain, windows) is None
+    with pytest.raises(TrainingError, match="'gripper_closed' never changes"):
+        event_windows(cfg, _gripper_windows([o, o], [[o] * 8, [o] * 8]))
+    with pytest.raises(ConfigError, match='event_weight=3.0 needs train.event_action'):
+        PolicyConfig.preset('small', train={'event_weight': 3})
+    with pytest.raises(ConfigError, match="event_action='elbow' is not one of action.action_names"):
+        PolicyConfig.preset('small', train={'event_action': 'elbow', 'event_weight': 3})
+    with pytest.raises(ConfigError, match='event_weight=0.5 must be 1..100'):
+        PolicyConfig.preset('small', train={'event_action': 'gripper_closed', 'event_weight': 0.5})
+
+
+def test_window_sampler_weights_event_windows_and_leaves_uniform_draws_as_they_were():
+    events = np.zeros(300, bool)
+    events[:100] = True                               # a third of the windows
+    draw = window_sampler(300, 64, np.random.default_rng(1), events, 3.0)
+    drawn = np.concatenate([draw() for _ in range(400)])
+    assert drawn.min() >= 0 and drawn.max() < 300
+    share = events[drawn].mean()                      # 3 x 100 / (3 x 100 + 200) = 0.6
+    assert abs(share - 0.6) < 0.01, share
+    counts = np.bincount(drawn, minlength=300)
+    assert counts[:100].mean() == pytest.approx(3 * counts[100:].mean(), rel=0.05)
+    # No events: exactly rng.integers' draws, so default training is bit for bit as before.
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    uniform = window_sampler(300, 64, a)
+    for _ in range(3):
+        np.testing.assert_array_equal(uniform(), b.integers(0, 300, size=64))
+
+
+def test_train_bc_with_event_weight_reports_the_event_windows_and_learns(tmp_path, capsys):
+    cfg = tiny_config(obs={'image_size_px': [16, 16], 'n_obs_steps': 1},
+                      action={'horizon': 8, 'n_action_steps': 4},
+                      train={'steps': 40, 'batch_size': 16, 'event_action': 'gripper_closed',
+                             'event_weight': 4})
+    o, c = 0, 1
+    chunks = [[o] * 8, [o, o, c, c, c, c, c, c], [c] * 8, [c, c, c, o, o, o, o, o]] * 8
+    windows = _gripper_windows([o, o, c, c] * 8, chunks)
+    torch.manual_seed(0)
+    ema, metrics = train_bc(DiffusionPolicy(cfg), windows, progress=False)
+    assert metrics['event_windows'] == 16 and metrics['event_weight'] == 4.0
+    assert metrics['final_loss'] < metrics['first_loss']
+    # `rko train` takes both from its flags, checked as the config file's would be.
+    config_path = tmp_path / 'tiny.yaml'
+    config_path.write_text(yaml.safe_dump(TINY))
+    assert cli.main(['train', '--synthetic', '--config', str(config_path), '--out',
+                     str(tmp_path / 'c.pt'), '--event-weight', '3', '--no-progress']) == 2
+    assert 'event_weight=3.0 needs train.event_action' in capsys.readouterr().err

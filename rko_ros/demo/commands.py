@@ -34,6 +34,10 @@ def register(subparsers):
     p.add_argument('--shift-px', type=int,
                    help='pretraining moves each window\'s image by up to this many pixels and the '
                         'gripper positions with it (train.shift_px; default 0 = off)')
+    p.add_argument('--event-weight', type=float,
+                   help='pretraining draws the windows in which the gripper closes or opens before '
+                        'the next plan this many times as often as the others (train.event_weight; '
+                        'default 3; 1 = every window alike)')
     p.add_argument('--pretrain-steps', type=int, help='BC steps')
     p.add_argument('--label-episodes', type=int,
                    help='episodes the operator labels, all rounds together (default 20)')
@@ -218,6 +222,7 @@ def _config(args):
         'pretrain_precision': getattr(args, 'precision', None),
         'noise_scale': args.noise_scale,
         'shift_px': getattr(args, 'shift_px', None),
+        'event_weight': getattr(args, 'event_weight', None),
         'label_episodes': getattr(args, 'label_episodes', None),
         'label_rounds': getattr(args, 'label_rounds', None),
         'round_min_desirable': getattr(args, 'round_min_desirable', None),

@@ -43,6 +43,13 @@ def register(subparsers):
                         'on a CPU with native bfloat16 (AVX512-BF16 or AMX) the faster of fp32 '
                         'and bf16, timed on a few steps before training (2 s), fp32 elsewhere. '
                         '`rko bench train` shows both on this machine')
+    p.add_argument('--event-action', metavar='NAME',
+                   help='a binary action (the gripper command) whose switches mark the event '
+                        'windows: those where it closes or opens before the next plan '
+                        '(train.event_action; default from the config, none)')
+    p.add_argument('--event-weight', type=float, metavar='K',
+                   help='draw the event windows K times as often as the others (train.event_weight; '
+                        'default from the config, 1 = every window alike; the cloth demo uses 3)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     p.add_argument('--json', action='store_true', help='print one JSON line with the result')
     p.set_defaults(func=_train)
@@ -103,6 +110,11 @@ def _train(args):
         cfg.train.steps = args.steps
     if args.batch_size:
         cfg.train.batch_size = args.batch_size
+    if args.event_action is not None or args.event_weight is not None:
+        train = cfg.to_dict()['train']
+        train.update({k: v for k, v in (('event_action', args.event_action),
+                                        ('event_weight', args.event_weight)) if v is not None})
+        cfg = PolicyConfig.from_dict({**cfg.to_dict(), 'train': train})   # checked as in a YAML
     episode_ids = []
     if args.synthetic:
         from rko_ros.policy.synthetic import make_two_mode_windows

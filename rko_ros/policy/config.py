@@ -150,9 +150,24 @@ class TrainConfig:
     # not always faster), fp32 elsewhere.
     # Fine-tuning stays fp32: its losses are differences of two models' denoising errors.
     precision: str = 'fp32'
+    # Event windows: those in which the binary action `event_action` (a gripper command) switches
+    # within the actions executed before the next plan (the chunk's first n_action_steps, or
+    # against the joint of that name observed at the chunk's start) are drawn `event_weight`
+    # times as often as the others. Grasps and releases are a third of the windows and decide
+    # a fold. 1 (or no event_action) = every window alike, the sampling as before.
+    event_action: str = ''
+    event_weight: float = 1.0
 
     def __post_init__(self):
         _check(self.steps >= 1, f'train.steps={self.steps} must be >= 1')
+        self.event_action = str(self.event_action or '')
+        weight = self.event_weight
+        _check(isinstance(weight, (int, float)) and 1.0 <= float(weight) <= 100.0,
+               f'train.event_weight={weight} must be 1..100 (1 = every window alike)')
+        self.event_weight = float(self.event_weight)
+        _check(self.event_weight == 1.0 or self.event_action,
+               f'train.event_weight={self.event_weight} needs train.event_action: the binary '
+               f'action (e.g. the gripper command) whose switches mark the event windows')
         check_precision(self.precision)
         _check(0 <= int(self.shift_px) <= 32, f'train.shift_px={self.shift_px} must be 0..32')
         self.shift_px = int(self.shift_px)
@@ -188,6 +203,9 @@ class PolicyConfig:
         unknown = sorted(set(self.train.shift_joints) - known)
         _check(not unknown, f'train.shift_joints names {unknown}, which are neither obs.joint_names '
                             f'{self.obs.joint_names} nor action.action_names')
+        _check(not self.train.event_action or self.train.event_action in self.action.action_names,
+               f"train.event_action='{self.train.event_action}' is not one of action.action_names "
+               f'{self.action.action_names}')
         _check(not self.train.shift_joints or len(self.obs.camera_names) == 1,
                f'train.shift_joints moves positions with one camera image; this policy has '
                f'{len(self.obs.camera_names)} cameras ({self.obs.camera_names})')

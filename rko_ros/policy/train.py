@@ -5,6 +5,7 @@ a tqdm bar. Windows: anything with `images`, `state`, `action` numpy arrays (epi
 ArrayWindows below) or any sequence of dicts with those keys.
 """
 import copy
+import dataclasses
 import math
 import sys
 import time
@@ -118,6 +119,46 @@ def _windows_arrays(windows, key):
     if hasattr(windows, key):
         return np.asarray(getattr(windows, key))
     return np.stack([windows[i][key] for i in range(len(windows))])
+
+
+def event_windows(config, windows):
+    """Boolean mask of the event windows of `config.train.event_action` (see TrainConfig), or None
+    when the training samples every window alike.
+
+    A window is an event window when its chunk's first n_action_steps actions of that name, cut
+    at the midpoint of the action's range over the windows, are not all the same, or when the
+    first of them differs from the joint of the same name (cut alike) in the window's newest
+    observation: the gripper closes or opens before the policy plans again."""
+    train = config.train
+    if train.event_weight == 1.0 or not train.event_action:
+        return None
+    column = config.action.action_names.index(train.event_action)
+    actions = _windows_arrays(windows, 'action')[:, :config.action.n_action_steps, column]
+    low, high = float(actions.min()), float(actions.max())
+    if not high > low:
+        raise TrainingError(f"train.event_action '{train.event_action}' never changes in these "
+                            f'windows (always {low:g}), so no window is an event window; set '
+                            f'train.event_weight to 1 or name the gripper command')
+    cut = 0.5 * (low + high)
+    on = actions > cut
+    events = on.any(axis=1) & ~on.all(axis=1)
+    if train.event_action in config.obs.joint_names:
+        joint = config.obs.joint_names.index(train.event_action)
+        observed = _windows_arrays(windows, 'state')[:, -1, joint] > cut
+        events |= observed != on[:, 0]
+    return events
+
+
+def window_sampler(n_windows, batch_size, rng, events=None, event_weight=1.0):
+    """A function drawing one batch of window indices from `rng` per call: uniformly (the same
+    draws as before event weights existed) when `events` is None, else with each event window
+    counted `event_weight` times, as from a window list holding those windows that many times."""
+    if events is None:
+        return lambda: rng.integers(0, n_windows, size=batch_size)
+    weights = np.where(np.asarray(events, dtype=bool), float(event_weight), 1.0)
+    cumulative = np.cumsum(weights / weights.sum())
+    cumulative[-1] = 1.0
+    return lambda: np.searchsorted(cumulative, rng.random(batch_size), side='right')
 
 
 def lr_at(step, total, warmup, base_lr):
@@ -240,6 +281,8 @@ def train_bc(policy, windows, train_cfg=None, progress=True, fit_normalizer=True
             print(f"precision auto: {precision} (a step timed here: {timed}; bf16 is taken when "
                   f"{AUTO_BF16_MIN_SPEEDUP}x faster)", file=sys.stderr, flush=True)
     ema = copy.deepcopy(policy).eval() if cfg.ema_decay > 0 else policy
+    events = event_windows(dataclasses.replace(policy.config, train=cfg), windows)
+    draw = window_sampler(len(windows), cfg.batch_size, rng, events, cfg.event_weight)
     step_fn = (GraphedBCStep if graphed else EagerBCStep)(policy, ema, cfg, device, precision)
     losses = []
     bar = None
@@ -248,8 +291,7 @@ def train_bc(policy, windows, train_cfg=None, progress=True, fit_normalizer=True
         bar = tqdm(total=cfg.steps, desc='pretrain (BC)', unit='step', dynamic_ncols=True)
     for step in range(cfg.steps):
         lr = lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr)
-        batch = collate(windows, rng.integers(0, len(windows), size=cfg.batch_size),
-                        'cpu' if graphed else device, augment, rng)
+        batch = collate(windows, draw(), 'cpu' if graphed else device, augment, rng)
         loss = step_fn(batch, lr, min(cfg.ema_decay, (1.0 + step) / (10.0 + step)))
         if not math.isfinite(loss):
             raise TrainingError(f'BC loss became {loss} at step {step}; lower train.lr '
@@ -267,7 +309,9 @@ def train_bc(policy, windows, train_cfg=None, progress=True, fit_normalizer=True
     tail = losses[-max(1, len(losses) // 10):]
     return ema, {'steps': cfg.steps, 'final_loss': float(np.mean(tail)), 'first_loss': losses[0],
                  'windows': len(windows), 'device': device, 'cuda_graph': graphed,
-                 'precision': precision, **({'precision_ms': precision_ms} if precision_ms else {})}
+                 'precision': precision, **({'precision_ms': precision_ms} if precision_ms else {}),
+                 **({'event_windows': int(events.sum()), 'event_weight': cfg.event_weight}
+                    if events is not None else {})}
 
 
 # 'auto' takes bf16 only when its steps are at least this much faster than fp32's.
