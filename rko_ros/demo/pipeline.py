@@ -145,7 +145,9 @@ class DemoConfig:
     # this many times as often as the others (PolicyConfig train.event_weight, event_action
     # gripper_closed). Offline, each seed's demonstrations of 2026-11-29 evening (bf16, 6000
     # steps; 80 new cloths x two draws, any-style success): seed 0 90 / 95% against 83.75 /
-    # 86.25% drawing every window alike, seed 1 91.25 / 93.75% against 85 / 90%.
+    # 86.25% drawing every window alike, seed 1 91.25 / 93.75% against 85 / 90%, seed 2 83.75 /
+    # 91.25% against 86.25 / 83.75%. The demos from scratch with it (seeds 0-2): bases 87.5-95%,
+    # final models 85-91.25% preferred-style (mean 89.4% against 82.7% the evening before).
     event_weight: float = 3.0
     # Arithmetic of pretraining (PolicyConfig train.precision). 'auto': on a CPU with native
     # bfloat16 (AVX512-BF16 / AMX) the faster of bf16 autocast and fp32, timed on a few steps
