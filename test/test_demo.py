@@ -319,7 +319,9 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
                        (dict(wrist_view_m=0.15, shift_px=2), 'fixed cameras only'),
                        (dict(lambda_d=-1.0), 'lambda_d=-1.0 must be >= 0'),
                        (dict(lambda_u=-0.5), 'lambda_u=-0.5 must be >= 0'),
-                       (dict(lambda_sft=-4.0), 'lambda_sft=-4.0 must be >= 0')):
+                       (dict(lambda_sft=-4.0), 'lambda_sft=-4.0 must be >= 0'),
+                       (dict(event_weight=0.5), 'event_weight=0.5 must be 1..100'),
+                       (dict(event_weight=float('nan')), 'event_weight=nan must be 1..100')):
         with pytest.raises(ConfigError, match=match):
             DemoConfig(**bad)
     assert [DemoConfig(method=m).finetune_undesirable_share(m) for m in ('rko', 'kto', 'sft', 'dpo')] \
