@@ -590,3 +590,53 @@ def test_training_batches_shift_like_the_parents_pretraining_and_evaluation_does
     assert none.augment is None
     with pytest.raises(TrainingError, match='shift_px=40'):
         FinetuneConfig(shift_px=40)
+
+
+def test_retrieval_anchor_draws_the_event_windows_as_the_parent_was_pretrained(pretrained):
+    from rko_ros.policy.train import ArrayWindows
+    store, parent, data, _ = pretrained
+    config = store.load_policy(parent).config
+    demo_modes = np.repeat(np.arange(24) % 2, 6)
+    demos, _ = make_two_mode_windows(config, n=len(demo_modes), modes=demo_modes, seed=5)
+    action = demos.action.copy()
+    action[:, :, 2] = 0.0
+    action[::3, 4:, 2] = 1.0          # every third window closes the gripper at its 5th action
+    behaviour = ArrayWindows(demos.images, demos.state, action, np.arange(len(demo_modes)) // 6)
+    # No reach test: these demonstrations' gripper column is unlike the labelled windows'.
+    cfg = FinetuneConfig(method='rko', steps=2, batch_size=8, lambda_retrieved=2.0, seed=3,
+                         retrieval_reach=0)
+
+    def trainer(event_weight=None, parent_weight=3.0, event_action='gripper_closed'):
+        policy = store.load_policy(parent)
+        policy.config.train = dataclasses.replace(policy.config.train, event_action=event_action,
+                                                  event_weight=parent_weight)
+        return PreferenceTrainer(policy, data, dataclasses.replace(cfg, event_weight=event_weight),
+                                 behaviour=behaviour, progress=False)
+
+    # Default: the parent's own weight (3); the retrieval summary says how many windows it marks.
+    inherit = trainer()
+    events = np.zeros(len(demo_modes), bool)
+    events[::3] = True
+    retrieved = inherit.retrieved
+    n_events = int(events[retrieved].sum())
+    assert len(retrieved) == 72 and 0 < n_events < len(retrieved)     # the 12 RIGHT episodes
+    assert inherit.retrieval['event_windows'] == n_events and inherit.retrieval['event_weight'] == 3.0
+    drawn = inherit._draw_retrieved(20000)
+    assert set(drawn.tolist()) <= set(retrieved.tolist())
+    expected = 3 * n_events / (3 * n_events + len(retrieved) - n_events)
+    assert abs(events[drawn].mean() - expected) < 0.02, (events[drawn].mean(), expected)
+    assert 'retrieved_anchor' in inherit.loss()[1]
+    # An explicit weight overrides the parent's; 1 draws every retrieved window alike, as before.
+    assert trainer(event_weight=5.0).retrieval['event_weight'] == 5.0
+    uniform = trainer(event_weight=1.0)
+    assert uniform.retrieved_p is None and 'event_windows' not in uniform.retrieval
+    assert abs(events[uniform._draw_retrieved(20000)].mean() - n_events / len(retrieved)) < 0.02
+    assert trainer(parent_weight=1.0, event_action='').retrieved_p is None
+    # Retrieved demonstrations whose gripper never switches: every window alike, no error.
+    behaviour.action[:, :, 2] = 0.0
+    still = trainer()
+    assert still.retrieved_p is None and still.retrieval['event_windows'] == 0
+    with pytest.raises(TrainingError, match="needs the parent model's train.event_action"):
+        trainer(event_weight=3.0, parent_weight=1.0, event_action='')
+    with pytest.raises(TrainingError, match='event_weight=0.5 must be 1..100'):
+        FinetuneConfig(event_weight=0.5)

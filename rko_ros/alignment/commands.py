@@ -73,6 +73,12 @@ def register(subparsers):
                         'positions the parent\'s train.shift_joints tie to them); default: what '
                         'the parent was pretrained with (its train.shift_px); 0 = off. Held-out '
                         'scoring always sees the recorded images')
+    p.add_argument('--event-weight', type=float, default=None,
+                   help='the retrieval anchor draws the windows of the retrieved demonstrations '
+                        'in which the gripper closes or opens before the next plan this many '
+                        'times as often as the others (the parent\'s train.event_action marks '
+                        'them); default: the parent\'s own train.event_weight; 1 = every window '
+                        'alike')
     p.add_argument('--ema-decay', type=float, default=0.0,
                    help='keep an EMA of the weights and select/export it (e.g. 0.99); 0 '
                         '(default) = the raw weights')
@@ -177,7 +183,8 @@ def _finetune(args):
                          retrieval_reach=args.retrieval_reach,
                          retrieved_undesirable_share=args.retrieved_undesirable_share,
                          preference_min_timestep=args.preference_min_timestep,
-                         shift_px=args.shift_px, lambda_d=args.lambda_d, lambda_u=args.lambda_u,
+                         shift_px=args.shift_px, event_weight=args.event_weight,
+                         lambda_d=args.lambda_d, lambda_u=args.lambda_u,
                          ema_decay=args.ema_decay, freeze_encoder=args.freeze_encoder,
                          guard_tolerance=None if args.no_guard else args.guard_tolerance,
                          guard_windows=args.guard_windows, num_threads=args.threads)
