@@ -607,13 +607,15 @@ def test_retrieval_anchor_draws_the_event_windows_as_the_parent_was_pretrained(p
                          retrieval_reach=0)
 
     def trainer(event_weight=None, parent_weight=3.0, event_action='gripper_closed'):
+        # event_weight None: the parent's train.event_weight (the default, 1, draws uniformly)
         policy = store.load_policy(parent)
         policy.config.train = dataclasses.replace(policy.config.train, event_action=event_action,
                                                   event_weight=parent_weight)
         return PreferenceTrainer(policy, data, dataclasses.replace(cfg, event_weight=event_weight),
                                  behaviour=behaviour, progress=False)
 
-    # Default: the parent's own weight (3); the retrieval summary says how many windows it marks.
+    assert FinetuneConfig().event_weight == 1.0
+    # None: the parent's own weight (3); the retrieval summary says how many windows it marks.
     inherit = trainer()
     events = np.zeros(len(demo_modes), bool)
     events[::3] = True

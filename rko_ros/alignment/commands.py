@@ -73,12 +73,12 @@ def register(subparsers):
                         'positions the parent\'s train.shift_joints tie to them); default: what '
                         'the parent was pretrained with (its train.shift_px); 0 = off. Held-out '
                         'scoring always sees the recorded images')
-    p.add_argument('--event-weight', type=float, default=None,
+    p.add_argument('--event-weight', type=float, default=1.0,
                    help='the retrieval anchor draws the windows of the retrieved demonstrations '
                         'in which the gripper closes or opens before the next plan this many '
                         'times as often as the others (the parent\'s train.event_action marks '
-                        'them); default: the parent\'s own train.event_weight; 1 = every window '
-                        'alike')
+                        'them; the cloth demo pretrains with 3); default 1 = every window alike '
+                        '(on the cloth no gain so far, see docs/experiments.md)')
     p.add_argument('--ema-decay', type=float, default=0.0,
                    help='keep an EMA of the weights and select/export it (e.g. 0.99); 0 '
                         '(default) = the raw weights')
