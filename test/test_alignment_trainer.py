@@ -642,3 +642,6 @@ def test_retrieval_anchor_draws_the_event_windows_as_the_parent_was_pretrained(p
         trainer(event_weight=3.0, parent_weight=1.0, event_action='')
     with pytest.raises(TrainingError, match='event_weight=0.5 must be 1..100'):
         FinetuneConfig(event_weight=0.5)
+    with pytest.raises(TrainingError, match='event_weight=3.0 weights the retrieval anchor'):
+        FinetuneConfig(event_weight=3.0)
+    assert FinetuneConfig(event_weight=None).event_weight is None     # the parent's, anchor or not

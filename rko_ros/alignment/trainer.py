@@ -191,6 +191,9 @@ class FinetuneConfig:
         if self.event_weight is not None and not 1.0 <= float(self.event_weight) <= 100.0:
             raise TrainingError(f'event_weight={self.event_weight} must be 1..100 (None = the '
                                 f'parent\'s train.event_weight, 1 = every retrieved window alike)')
+        if self.event_weight not in (None, 1.0) and not self.lambda_retrieved:
+            raise TrainingError(f'event_weight={self.event_weight} weights the retrieval anchor\'s '
+                                f'draws and needs lambda_retrieved > 0')
         if self.steps < 1 or self.batch_size < 2:
             raise TrainingError(f'steps={self.steps} must be >= 1 and batch_size={self.batch_size} >= 2')
 
