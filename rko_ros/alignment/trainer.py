@@ -31,7 +31,9 @@ from rko_ros.alignment import losses
 from rko_ros.alignment.methods import PAIR_METHODS, check_finetune_options
 from rko_ros.alignment.weights import rko_weights, similarity_matrix
 from rko_ros.errors import GuardRejected, TrainingError
-from rko_ros.policy.train import ShiftAugment, adamw, collate, ema_update, event_windows
+from rko_ros.policy.config import check_event_weight
+from rko_ros.policy.train import (ShiftAugment, adamw, collate, ema_update, event_probabilities,
+                                   event_windows)
 
 
 def _episode_means(episode_index, *values):
@@ -188,9 +190,8 @@ class FinetuneConfig:
                                 f'>= 0 (0 = every timestep)')
         if self.shift_px is not None and not 0 <= self.shift_px <= 32:
             raise TrainingError(f'shift_px={self.shift_px} must be 0..32 (None = the parent\'s)')
-        if self.event_weight is not None and not 1.0 <= float(self.event_weight) <= 100.0:
-            raise TrainingError(f'event_weight={self.event_weight} must be 1..100 (None = the '
-                                f'parent\'s train.event_weight, 1 = every retrieved window alike)')
+        if self.event_weight is not None:      # None: the parent's train.event_weight
+            check_event_weight(self.event_weight, 'event_weight', TrainingError)
         if self.event_weight not in (None, 1.0) and not self.lambda_retrieved:
             raise TrainingError(f'event_weight={self.event_weight} weights the retrieval anchor\'s '
                                 f'draws and needs lambda_retrieved > 0')
@@ -608,8 +609,7 @@ class PreferenceTrainer:
         self.retrieval = dict(self.retrieval, event_windows=int(events.sum()), event_weight=weight)
         if not events.any():
             return None
-        weights = np.where(events, weight, 1.0)
-        return weights / weights.sum()
+        return event_probabilities(events, weight)
 
     def _draw_retrieved(self, n):
         """n indices into the behaviour windows, drawn from the retrieved ones."""

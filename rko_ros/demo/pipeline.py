@@ -208,9 +208,8 @@ class DemoConfig:
             raise ConfigError(f'shift_px={self.shift_px} with a wrist camera (wrist_view_m='
                               f'{self.wrist_view_m}): the shift augmentation is for fixed cameras '
                               f'only; set one of them to 0')
-        if not 1.0 <= float(self.event_weight) <= 100.0:    # refused before any demonstration
-            raise ConfigError(f'event_weight={self.event_weight} must be 1..100 (1 = every window '
-                              f'alike)')
+        from rko_ros.policy.config import check_event_weight
+        check_event_weight(self.event_weight, 'event_weight')   # refused before any demonstration
         if not 0.0 <= float(self.demo_noise) <= 3.0:
             raise ConfigError(f'demo_noise={self.demo_noise} must be 0..3 (1 = the default '
                               f'teleoperator noise, 0 = exact plans)')

@@ -21,6 +21,14 @@ def _check(condition, message):
         raise ConfigError(message)
 
 
+def check_event_weight(value, name='train.event_weight', error=ConfigError):
+    """`value` as a float, or `error` naming `name` unless it is a number in 1..100 (how many
+    times as often event windows are drawn; 1 = every window alike)."""
+    if not (isinstance(value, (int, float)) and 1.0 <= float(value) <= 100.0):
+        raise error(f'{name}={value} must be 1..100 (1 = every window alike)')
+    return float(value)
+
+
 def check_precision(value, name='train.precision'):
     """A ConfigError naming `name` unless `value` is one of PRECISIONS."""
     _check(value in PRECISIONS, f"{name}='{value}' must be one of {', '.join(PRECISIONS)}")
@@ -161,10 +169,7 @@ class TrainConfig:
     def __post_init__(self):
         _check(self.steps >= 1, f'train.steps={self.steps} must be >= 1')
         self.event_action = str(self.event_action or '')
-        weight = self.event_weight
-        _check(isinstance(weight, (int, float)) and 1.0 <= float(weight) <= 100.0,
-               f'train.event_weight={weight} must be 1..100 (1 = every window alike)')
-        self.event_weight = float(self.event_weight)
+        self.event_weight = check_event_weight(self.event_weight)
         _check(self.event_weight == 1.0 or self.event_action,
                f'train.event_weight={self.event_weight} needs train.event_action: the binary '
                f'action (e.g. the gripper command) whose switches mark the event windows')

@@ -149,16 +149,21 @@ def event_windows(config, windows):
     return events
 
 
+def event_probabilities(events, event_weight):
+    """Drawing probabilities with each event window counted `event_weight` times, as from a
+    window list holding those windows that many times."""
+    weights = np.where(np.asarray(events, dtype=bool), float(event_weight), 1.0)
+    return weights / weights.sum()
+
+
 def window_sampler(n_windows, batch_size, rng, events=None, event_weight=1.0):
     """A function drawing one batch of window indices from `rng` per call: uniformly (the same
-    draws as before event weights existed) when `events` is None, else with each event window
-    counted `event_weight` times, as from a window list holding those windows that many times."""
+    draws as before event weights existed) when `events` is None, else by
+    event_probabilities(events, event_weight)."""
     if events is None:
         return lambda: rng.integers(0, n_windows, size=batch_size)
-    weights = np.where(np.asarray(events, dtype=bool), float(event_weight), 1.0)
-    cumulative = np.cumsum(weights / weights.sum())
-    cumulative[-1] = 1.0
-    return lambda: np.searchsorted(cumulative, rng.random(batch_size), side='right')
+    p = event_probabilities(events, event_weight)
+    return lambda: rng.choice(n_windows, size=batch_size, p=p)
 
 
 def lr_at(step, total, warmup, base_lr):
