@@ -14,7 +14,8 @@ def test_quick_demo_runs_the_loop_end_to_end(tmp_path):
     # Two desirable labels of 5 cannot come from 4 labels: round 1 waits for them up to its cap
     # (3 of the 4), round 2 labels the last one.
     result = subprocess.run([sys.executable, '-m', 'rko_ros.cli', 'demo', '--quick', '--out', str(out),
-                             '--round-min-desirable', '5', '--noise-scale', '0.5', '--json'],
+                             '--round-min-desirable', '5', '--noise-scale', '0.5',
+                             '--chunk-candidates', '3', '--json'],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -22,6 +23,8 @@ def test_quick_demo_runs_the_loop_end_to_end(tmp_path):
     assert summary['labelled_episodes'] == 4 and summary['after']['episodes'] == 2
     # The policy node sampled at the noise scale asked for (read back from policy/status).
     assert summary['noise_scale'] == 0.5 and 'policy noise scale 0.5' in result.stdout
+    assert summary['chunk_candidates'] == 3
+    assert 'chunks the most coherent of 3 draws' in result.stdout
     # Failed demonstrations are redone (or left out), so every one kept folded well.
     pretrain = summary['pretrain']
     assert pretrain['demonstration_success'] == 1.0
@@ -233,6 +236,52 @@ def test_demo_noise_scales_the_demonstrators_scatter(tmp_path):
     assert DemoConfig(pretrain_precision='auto').policy_config().train.precision == 'auto'
 
 
+def test_offline_rollouts_pick_coherent_chunks_as_the_policy_node_does():
+    """candidates=1 draws exactly as before; above 1 every chunk after the first is, of its
+    draws, the one nearest what the chunk before planned for the same ticks."""
+    import numpy as np
+    import torch
+    from rko_ros.demo import offline
+    from rko_ros.demo.pipeline import DemoConfig
+    from rko_ros.policy.model import DiffusionPolicy
+    from rko_ros.policy.runtime import coherent_choice
+    cfg = DemoConfig.quick()
+    torch.manual_seed(0)
+    policy = DiffusionPolicy(cfg.policy_config()).eval()
+    card = offline.card_like(policy.config)
+    calls = []
+
+    def predict(images, state, noise):
+        out = offline.torch_predictor(policy)(images, state, noise)
+        calls.append(out)
+        return out
+
+    def rollouts(candidates):
+        calls.clear()
+        return offline.evaluate_policy(predict, card, cfg.task_config(), [5, 6], batch=2,
+                                       candidates=candidates)
+    one = rollouts(1)
+    assert [c.shape[0] for c in calls] == [2] * len(calls)
+    reference = offline.BatchedChunkPolicy(offline.torch_predictor(policy), 1, 16, 3, 8,
+                                           seed=[0, 5]).run(
+        [offline.ClothFoldTask(cfg.task_config()) for _ in range(2)], [5, 6])
+    for a, b in zip(one, reference):
+        np.testing.assert_array_equal(a['action'], b['action'])
+    coherent = rollouts(3)
+    assert [c.shape[0] for c in calls] == [6] * len(calls) and len(calls) >= 5
+    # Draw 0 is the draw of one sample per chunk: the first chunks are the same.
+    np.testing.assert_allclose(coherent[0]['action'][:8], one[0]['action'][:8], atol=1e-5)
+    for i, episode in enumerate(coherent):
+        for k in range(1, len(calls)):
+            draws = calls[k].reshape(2, 3, 16, 3)[i]
+            previous = calls[k - 1].reshape(2, 3, 16, 3)[i]
+            kept_before = previous[[np.abs(previous[j, :8] - episode['action'][8 * (k - 1):8 * k]).max()
+                                    for j in range(3)].index(0.0) if k > 1 else 0]
+            pick = coherent_choice(draws[None], kept_before[None, 8:])[0]
+            executed = episode['action'][8 * k:8 * k + 8]
+            np.testing.assert_array_equal(executed, draws[pick, :len(executed)])
+
+
 def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     import yaml
     from rko_ros.demo.loop import write_demo_params
@@ -240,7 +289,7 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     from rko_ros.ros.commands import default_config_path
     cfg = DemoConfig(lambda_u=0.25, lambda_sft=2.0, lambda_d=0.5, device='cpu', guard_tolerance=None,
                      preference_min_timestep=30, lambda_retrieved=8.0, noise_scale=0.25,
-                     finetune_lr=5e-4)
+                     finetune_lr=5e-4, chunk_candidates=5)
     path = write_demo_params(str(tmp_path / 'p.yaml'), cfg, default_config_path())
     with open(path) as f:
         trainer = yaml.safe_load(f)['/**/trainer_node']['ros__parameters']
@@ -259,6 +308,7 @@ def test_demo_passes_its_fine_tuning_settings_to_the_trainer_node(tmp_path):
     with open(path) as f:   # every ROS episode samples at the demo's noise scale
         params = yaml.safe_load(f)
     assert params['/**/policy_node']['ros__parameters']['noise_scale'] == 0.25
+    assert params['/**/policy_node']['ros__parameters']['chunk_candidates'] == 5
     sim = params['/**/sim_node']['ros__parameters']    # joint states once per control tick
     assert sim['joint_state_rate_hz'] == sim.get('control_rate_hz', 10.0) == 10.0
     # The cameras: the policy and the recorder take every camera the sim publishes, in order.

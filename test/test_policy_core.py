@@ -14,9 +14,9 @@ from rko_ros.errors import ConfigError, ModelFileError, PolicyInputError, Traini
 from rko_ros.policy.checkpoint import load_checkpoint, save_checkpoint
 from rko_ros.policy.config import PolicyConfig
 from rko_ros.policy.model import DiffusionPolicy
-from rko_ros.policy.runtime import PolicyRuntime
+from rko_ros.policy.runtime import PolicyRuntime, coherent_choice
 from rko_ros.policy.store import ModelStore
-from rko_ros.policy.synthetic import make_two_mode_windows, mode_of
+from rko_ros.policy.synthetic import LEFT, RIGHT, make_two_mode_windows, mode_of, mode_trajectory
 from rko_ros.policy.train import (ArrayWindows, EagerBCStep, ShiftAugment, bf16_native, collate,
                                    event_windows, train_bc, window_sampler)
 
@@ -86,6 +86,67 @@ def test_noise_scale_scales_the_drawn_noise_and_zero_makes_chunks_deterministic(
         runtime.predict(images, state, noise_scale=-0.1)
     with pytest.raises(PolicyInputError, match='noise_scale=0.5 with noise passed in'):
         runtime.predict(images, state, drawn, noise_scale=0.5)   # never silently ignored
+
+
+def test_coherent_choice_keeps_the_candidate_nearest_the_plan_in_normalised_units():
+    plan = np.zeros((1, 4, 2), np.float32)
+    chunks = np.zeros((1, 3, 6, 2), np.float32)
+    chunks[0, 0, :, 0] = 0.05          # off by 5 cm in x
+    chunks[0, 1, :, 1] = 0.5           # gripper half open
+    chunks[0, 2, :4, 0] = 0.3          # off by 30 cm, but only over the plan's 4 steps
+    chunks[0, 2, 4:, :] = 9.0          # what lies past the plan does not count
+    assert coherent_choice(chunks, plan).tolist() == [0]
+    # Metres count 10x more (a 0.2 m range against a 0..1 gripper): now the gripper is nearer.
+    assert coherent_choice(chunks, plan, scale=np.array([10.0, 0.1])).tolist() == [1]
+    assert coherent_choice(chunks, None).tolist() == [0]          # no plan yet: the first draw
+    batch = np.concatenate([chunks, chunks[:, ::-1]])
+    assert coherent_choice(batch, np.concatenate([plan, plan])).tolist() == [0, 2]
+
+
+def test_predict_coherent_picks_the_draw_that_continues_the_plan(store_with_model):
+    store, version, policy = store_with_model
+    runtime = PolicyRuntime(store.version_dir(version))
+    lo, hi = policy.action_normalizer.lo.numpy(), policy.action_normalizer.hi.numpy()
+    np.testing.assert_allclose(runtime.card['action_range'], np.stack([lo, hi], 1), rtol=1e-6)
+    np.testing.assert_allclose(runtime.action_scale, 2 / (hi - lo), rtol=1e-5)
+    images, state, _ = _inputs(runtime.card)
+    noise = np.random.default_rng(1).standard_normal((4, 16, 3)).astype(np.float32)
+    each = [runtime.predict(images, state, n) for n in noise]
+    for j in (0, 2, 3):
+        actions, index = runtime.predict_coherent(images, state, each[j][:8], 4, noise)
+        assert index == j and np.abs(actions - each[j]).max() < 1e-5
+    # No plan: the first draw, and with a seed the very chunk predict(seed=) gives.
+    actions, index = runtime.predict_coherent(images, state, None, 4, seed=7)
+    assert index == 0 and np.abs(actions - runtime.predict(images, state, seed=7)).max() < 1e-5
+    # Batched: each observation gets its own pick.
+    b_images, b_state = np.stack([images] * 2), np.stack([state] * 2)
+    plans = np.stack([each[3][:8], each[1][:8]])
+    actions, index = runtime.predict_coherent(b_images, b_state, plans, 4, np.stack([noise] * 2))
+    assert index.tolist() == [3, 1] and np.abs(actions[1] - each[1]).max() < 1e-5
+    with pytest.raises(ConfigError, match='chunk_candidates=0 must be an integer 1..32'):
+        runtime.predict_coherent(images, state, None, 0)
+    with pytest.raises(PolicyInputError, match='expected 3 candidates'):
+        runtime.predict_coherent(images, state, None, 3, noise)
+    with pytest.raises(PolicyInputError, match='previous plan: got shape'):
+        runtime.predict_coherent(images, state, np.zeros((8, 2), np.float32), 4, noise)
+
+
+def test_coherent_chunks_stay_in_the_mode_the_plan_follows(tmp_path):
+    """On the two-mode task a new chunk is LEFT or RIGHT at random; with 8 candidates the one
+    kept continues the plan in hand, in whichever mode that plan is."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    windows, _ = make_two_mode_windows(cfg, n=256)
+    ema, _ = train_bc(DiffusionPolicy(cfg), windows, progress=False)
+    store = ModelStore(tmp_path)
+    runtime = PolicyRuntime(store.version_dir(store.write_version(ema, method='pretrain')))
+    images, state = windows.images[:32], windows.state[:32]
+    for mode in (LEFT, RIGHT):
+        plan = np.stack([mode_trajectory(mode, 16, 3)[:8]] * 32)
+        one, _ = runtime.predict_coherent(images, state, plan, 1, seed=1)
+        assert 0.2 <= (mode_of(one) == mode).mean() <= 0.8       # one draw: either mode
+        actions, _ = runtime.predict_coherent(images, state, plan, 16, seed=1)
+        assert (mode_of(actions) == mode).mean() >= 0.95
 
 
 def test_runtime_works_without_torch(store_with_model):

@@ -178,6 +178,46 @@ def test_controller_samples_at_its_noise_scale(runtime):
         PolicyController(runtime, ['camera'], 1, 8, 16, 10.0, 0.3, noise_scale=3.0)
 
 
+class _Recording:
+    """The real runtime, noting what each coherent call was given and chose."""
+
+    def __init__(self, runtime):
+        self.runtime, self.calls = runtime, []
+        self.card, self.version = runtime.card, runtime.version
+
+    def predict_coherent(self, images, state, previous, candidates, noise_scale=1.0):
+        actions, index = self.runtime.predict_coherent(images, state, previous, candidates,
+                                                       noise_scale=noise_scale)
+        self.calls.append((None if previous is None else previous.copy(), candidates, actions))
+        return actions, index
+
+
+def test_controller_with_chunk_candidates_continues_the_plan_in_hand(runtime):
+    from rko_ros.errors import ConfigError
+    card = runtime.card
+    recording = _Recording(runtime)
+    controller = PolicyController(recording, ['camera'], card['n_obs_steps'],
+                                  card['n_action_steps'], card['horizon'], 10.0,
+                                  max_obs_age_s=0.3, chunk_candidates=4)
+    try:
+        acted = [a for a, _ in _run(controller, card, 30)]
+        assert controller.status()['chunk_candidates'] == 4
+    finally:
+        controller.close()
+    assert len(recording.calls) >= 3 and all(c[1] == 4 for c in recording.calls)
+    assert recording.calls[0][0] is None                  # the first chunk: nothing to continue
+    for (_, _, before), (plan, _, _) in zip(recording.calls, recording.calls[1:]):
+        # Each later call got what the chunk before it planned from its observation's tick on.
+        offset = len(before) - len(plan)
+        assert 0 < offset < card['n_action_steps']
+        np.testing.assert_array_equal(plan, before[offset:])
+    chunk_actions = np.concatenate([c[2] for c in recording.calls])
+    assert sum(a is not None for a in acted) >= 20
+    assert all(np.abs(chunk_actions - a).max(axis=1).min() == 0 for a in acted if a is not None)
+    with pytest.raises(ConfigError, match='chunk_candidates=0 must be an integer 1..32'):
+        PolicyController(runtime, ['camera'], 1, 8, 16, 10.0, 0.3, chunk_candidates=0)
+
+
 def test_tick_thread_keeps_deadlines_on_the_grid_and_skips_what_it_missed():
     ticker = TickThread(10.0, tick=lambda: None)
     # On time, or late by less than a period: the next deadline is one period on, not from now.

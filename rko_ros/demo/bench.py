@@ -20,7 +20,8 @@ def labelled_rollouts(cfg, version_dir, count):
     episodes = offline.evaluate_policy(offline.runtime_predictor(runtime), runtime.card,
                                        cfg.task_config(), pipeline.seeds_for('label', count, cfg.seed),
                                        batch=10, record_images=True, seed=cfg.seed,
-                                       noise_scale=cfg.noise_scale)
+                                       noise_scale=cfg.noise_scale,
+                                       candidates=cfg.chunk_candidates)
     operator = SimulatedOperator(cfg.preferred_style)
     return episodes, [operator.label(e['result']) for e in episodes]
 
@@ -38,7 +39,8 @@ def evaluate_version(cfg, version_dir, eval_episodes, seed=0):
     runtime = PolicyRuntime(version_dir)
     episodes = offline.evaluate_policy(offline.runtime_predictor(runtime), runtime.card,
                                        cfg.task_config(), pipeline.seeds_for('after', eval_episodes, cfg.seed),
-                                       batch=10, seed=seed, noise_scale=cfg.noise_scale)
+                                       batch=10, seed=seed, noise_scale=cfg.noise_scale,
+                                       candidates=cfg.chunk_candidates)
     return offline.summarize([e['result'] for e in episodes], cfg.preferred_style)
 
 
@@ -111,6 +113,7 @@ def run_alignment_bench(cfg, methods, label_counts, seeds, eval_episodes, progre
               'retrieved_undesirable_share': cfg.retrieved_undesirable_share,
               'preference_min_timestep': cfg.preference_min_timestep,
               'guard_tolerance': cfg.guard_tolerance, 'noise_scale': cfg.noise_scale,
+              'chunk_candidates': cfg.chunk_candidates,
               'pretrained_version': parent,
               'pretrained': pretrained, 'table': table, **leads(table, methods, label_counts),
               'runs': runs}
@@ -157,7 +160,7 @@ _MERGED_KEYS = ('methods', 'labels', 'seeds', 'first_seed', 'table', 'runs', 'rk
                 'rko_ahead_beyond_two_se_of', 'rko_ahead_by_labels', 'plot')
 # Settings a result carries only since they became options: the value every earlier run had, so
 # a result written before (docs/bench/) still merges with a new one of the same setting.
-_SETTING_DEFAULTS = {'lambda_d': 1.0}
+_SETTING_DEFAULTS = {'lambda_d': 1.0, 'chunk_candidates': 1}   # results written before the key
 
 
 def _setting(result, key):

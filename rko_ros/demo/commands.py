@@ -159,6 +159,11 @@ def _sim_episode_args(p):
                         'evaluated (policy_node noise_scale; default 1 = as Diffusion Policy '
                         'samples, 0 = deterministic chunks). Below 1 this task\'s policies drift '
                         'to left_to_right whatever the labels (README)')
+    p.add_argument('--chunk-candidates', type=int,
+                   help='draws per action chunk in every episode, labelled or evaluated '
+                        '(policy_node chunk_candidates): above 1 each chunk is the one of this '
+                        'many closest to the plan in hand, so a motion is not switched halfway '
+                        '(default: DemoConfig, see README; 1 = one draw, as trained)')
     p.add_argument('--wrist-view-m', type=float,
                    help='add a wrist camera: a second image (the same size) looking down around '
                         'the gripper, spanning this many metres of table (sim_node wrist_view_m, '
@@ -221,6 +226,7 @@ def _config(args):
         'wrist_view_m': args.wrist_view_m,
         'pretrain_precision': getattr(args, 'precision', None),
         'noise_scale': args.noise_scale,
+        'chunk_candidates': args.chunk_candidates,
         'shift_px': getattr(args, 'shift_px', None),
         'event_weight': getattr(args, 'event_weight', None),
         'label_episodes': getattr(args, 'label_episodes', None),
@@ -409,12 +415,14 @@ def _demo(args):
             rollback_ok = bool(rollback_ok) and rolled_back_to == parent
         # What the policy node says it samples with (its noise_scale parameter, from the demo's).
         node_noise_scale = loop.policy_status.get('noise_scale')
+        node_candidates = loop.policy_status.get('chunk_candidates')
     finally:
         loop.close()
     summary = {
         'preferred_style': cfg.preferred_style, 'method': cfg.method,
         'pretrained_version': pretrained, 'aligned_version': new_version,
         'noise_scale': None if node_noise_scale is None else float(node_noise_scale),
+        'chunk_candidates': None if node_candidates is None else int(node_candidates),
         'labelled_episodes': len(labelled),
         'desirable_labels': sum(bool(e['label']) for e in labelled), 'rounds': rounds,
         'before': summarize_dicts(before, cfg.preferred_style),

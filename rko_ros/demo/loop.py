@@ -35,6 +35,7 @@ def write_demo_params(path, cfg, base_config):
     sim.setdefault('joint_state_rate_hz', float(task.control_rate_hz))
     policy = params.setdefault('/**/policy_node', {}).setdefault('ros__parameters', {})
     policy.update({'enabled': False, 'noise_scale': float(cfg.noise_scale),
+                   'chunk_candidates': int(cfg.chunk_candidates),
                    'camera_topics': cfg.camera_topics(), 'camera_names': list(task.camera_names)})
     episode = params.setdefault('/**/episode_node', {}).setdefault('ros__parameters', {})
     episode['camera_topics'] = cfg.camera_topics()

@@ -85,13 +85,30 @@ class BatchedChunkPolicy:
     """
 
     def __init__(self, predict, n_obs_steps, horizon, action_dim, n_action_steps, seed=0,
-                 noise_scale=1.0):
-        from rko_ros.policy.runtime import check_noise_scale
+                 noise_scale=1.0, candidates=1, action_scale=None):
+        from rko_ros.policy.runtime import check_chunk_candidates, check_noise_scale
         self.predict = predict
         self.noise_scale = np.float32(check_noise_scale(noise_scale))
         self.n_obs_steps, self.horizon, self.action_dim = n_obs_steps, horizon, action_dim
         self.n_action_steps = n_action_steps
         self.rng = np.random.default_rng(seed)
+        # Coherent chunks (policy_node chunk_candidates): candidate 0 keeps the draw of one
+        # sample per chunk, the others come from a stream of their own.
+        self.candidates = check_chunk_candidates(candidates)
+        self.extra_rng = np.random.default_rng([*np.atleast_1d(seed).tolist(), 104729])
+        self.action_scale = action_scale
+
+    def _coherent(self, images, states, noise, previous):
+        """The chunk of `candidates` draws closest to `previous` (what the last chunk planned for
+        the ticks this one starts at), as the policy node picks with chunk_candidates."""
+        from rko_ros.policy.runtime import coherent_choice
+        b, k = len(images), self.candidates
+        extra = self.extra_rng.standard_normal((b, k - 1, self.horizon, self.action_dim))
+        noises = np.concatenate([noise[:, None], extra.astype(np.float32) * self.noise_scale], 1)
+        chunks = self.predict(np.repeat(images, k, axis=0), np.repeat(states, k, axis=0),
+                              noises.reshape((b * k, self.horizon, self.action_dim)))
+        chunks = chunks.reshape((b, k, self.horizon, self.action_dim))
+        return chunks[np.arange(b), coherent_choice(chunks, previous, self.action_scale)]
 
     def run(self, tasks, seeds, record_images=False, extra_sizes=()):
         for task, seed in zip(tasks, seeds):
@@ -115,7 +132,12 @@ class BatchedChunkPolicy:
                 states = np.stack([history_state[i] for i in idx], axis=1)        # B,To,S
                 noise = self.rng.standard_normal((b, self.horizon, self.action_dim)).astype(np.float32)
                 noise *= self.noise_scale   # as the policy node does (its noise_scale)
-                chunk, used = self.predict(images, states, noise), 0
+                if self.candidates == 1:
+                    chunk = self.predict(images, states, noise)
+                else:
+                    chunk = self._coherent(images, states, noise, None if chunk is None
+                                           else chunk[:, used:])
+                used = 0
             action = chunk[:, used]
             used += 1
             if record_images:
@@ -156,16 +178,18 @@ def torch_predictor(policy):
 
 
 def evaluate_policy(predict, card_like, task_config, seeds, batch=10, record_images=False,
-                    seed=0, extra_sizes=(), noise_scale=1.0):
+                    seed=0, extra_sizes=(), noise_scale=1.0, candidates=1):
     """Roll out `predict` on the cloth for each seed; returns the rollout dicts (with `result`).
 
     The diffusion noise is drawn from (`seed`, first cloth seed), so stages with disjoint cloth
     seeds (labelling, evaluation) get independent noise rather than one replayed stream.
     """
+    from rko_ros.policy.runtime import action_scale
     noise_seed = [int(seed), int(seeds[0]) if len(seeds) else 0]
     runner = BatchedChunkPolicy(predict, card_like['n_obs_steps'], card_like['horizon'],
                                 len(card_like['action_names']), card_like['n_action_steps'],
-                                seed=noise_seed, noise_scale=noise_scale)
+                                seed=noise_seed, noise_scale=noise_scale, candidates=candidates,
+                                action_scale=action_scale(card_like))
     episodes = []
     for start in range(0, len(seeds), batch):
         chunk_seeds = list(seeds[start:start + batch])

@@ -24,7 +24,9 @@ def demo_table(summary):
         f"  {summary['labelled_episodes']} labelled episodes ({summary['desirable_labels']} desirable), "
         f"model {summary['pretrained_version']} -> {summary['aligned_version']}"
         + (f", policy noise scale {summary['noise_scale']:g}"
-           if summary.get('noise_scale') is not None else ''),
+           if summary.get('noise_scale') is not None else '')
+        + (f", chunks the most coherent of {summary['chunk_candidates']} draws"
+           if (summary.get('chunk_candidates') or 1) > 1 else ''),
     ]
     rounds = summary.get('rounds') or []
     if len(rounds) > 1:
@@ -97,7 +99,7 @@ def _render_frames(report_dir, cfg, version_dir, seeds, prefix):
     runtime = PolicyRuntime(version_dir)
     episodes = evaluate_policy(runtime_predictor(runtime), runtime.card, cfg.task_config(), seeds,
                                batch=len(seeds), extra_sizes=((480, 640),),
-                               noise_scale=cfg.noise_scale)
+                               noise_scale=cfg.noise_scale, candidates=cfg.chunk_candidates)
     paths = []
     for i, episode in enumerate(episodes):
         frames = episode['frames']

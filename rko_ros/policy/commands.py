@@ -77,6 +77,9 @@ def register_bench(bench_subparsers):
                    help='comma-separated ONNX Runtime execution providers in order of preference '
                         '(e.g. CUDAExecutionProvider,CPUExecutionProvider); default: the fastest '
                         'present (TensorRT, CUDA, CPU)')
+    p.add_argument('--candidates', type=int, default=4,
+                   help='also time a coherent chunk of this many draws in one batched call, as '
+                        'policy_node chunk_candidates runs it (default 4; 1 = skip)')
     p.add_argument('--json', action='store_true', help='print one JSON line')
     p.set_defaults(func=_bench_inference)
 
@@ -164,7 +167,7 @@ def _export(args):
     return 0
 
 
-def bench_inference(preset='small', repeats=30, device='cpu', providers=None):
+def bench_inference(preset='small', repeats=30, device='cpu', providers=None, candidates=4):
     """Median ms per action chunk for ONNX Runtime (as loaded by default, with the batch fixed to
     1 and bound buffers, and on the CUDA provider replayed as one CUDA graph) and for PyTorch
     (eager, and on a CUDA device replayed as one CUDA graph), on the same weights and noise."""
@@ -177,8 +180,9 @@ def bench_inference(preset='small', repeats=30, device='cpu', providers=None):
     from rko_ros.policy.config import PolicyConfig
     from rko_ros.policy.export import export_onnx, write_card
     from rko_ros.policy.model import DiffusionPolicy
-    from rko_ros.policy.runtime import PolicyRuntime
+    from rko_ros.policy.runtime import PolicyRuntime, check_chunk_candidates
 
+    candidates = check_chunk_candidates(candidates)
     torch.manual_seed(0)
     cfg = PolicyConfig.preset(preset)
     policy = DiffusionPolicy(cfg).eval()
@@ -249,6 +253,12 @@ def bench_inference(preset='small', repeats=30, device='cpu', providers=None):
             'provider': runtime.provider, 'torch_device': str(device),
             'params': policy.num_parameters(), 'ddim_steps': cfg.diffusion.num_inference_steps,
             'horizon': act.horizon, 'repeats': repeats, 'torch_threads': torch.get_num_threads()})
+        if candidates > 1:   # the policy node's chunk_candidates: one batched call, then the pick
+            previous = reference[0, act.n_action_steps:]
+            result['coherent'] = {'candidates': candidates, 'ort_ms': round(timed(
+                lambda: runtime.predict_coherent(images[0], state[0], previous, candidates)), 3)}
+            result['coherent']['vs_one_draw'] = round(result['coherent']['ort_ms'] /
+                                                      result['ort_ms'], 3)
         if notes:
             result['not_run'] = notes
         return result
@@ -340,4 +350,5 @@ def _bench_train(args):
 
 def _bench_inference(args):
     providers = [p.strip() for p in args.providers.split(',') if p.strip()] if args.providers else None
-    return print_result(bench_inference(args.preset, args.repeats, args.device, providers), args.json)
+    return print_result(bench_inference(args.preset, args.repeats, args.device, providers,
+                                        args.candidates), args.json)

@@ -93,4 +93,6 @@ def export_onnx(policy, onnx_path, **card_extra):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise ModelFileError(f'ONNX export to {onnx_path} failed: {exc}') from exc
-    return make_card(cfg, onnx_path, **card_extra)
+    norm = policy.action_normalizer   # what the graph unnormalises with: coherent chunks use it
+    action_range = [[float(lo), float(hi)] for lo, hi in zip(norm.lo.tolist(), norm.hi.tolist())]
+    return make_card(cfg, onnx_path, action_range=action_range, **card_extra)

@@ -44,6 +44,55 @@ def check_noise_scale(value):
     return value
 
 
+# Coherent chunks: a new chunk is sampled `chunk_candidates` times (one batched call) and the
+# candidate whose first actions lie closest to what the previous chunk planned for the same
+# instants is kept (backward coherence, as in bidirectional decoding: Liu et al. 2024). Separate
+# chunks of a diffusion policy are independent draws, so one can switch between the modes the
+# demonstrations hold halfway through a motion (a carry that drifts sideways); a coherent choice
+# keeps the plan the robot is already following. The first chunk of an episode, which has no
+# previous plan, is candidate 0, so the choice of behaviour is the policy's own.
+MAX_CHUNK_CANDIDATES = 32
+
+
+def check_chunk_candidates(value):
+    if isinstance(value, bool) or not float(value).is_integer() \
+            or not 1 <= int(value) <= MAX_CHUNK_CANDIDATES:
+        raise ConfigError(f'chunk_candidates={value} must be an integer 1..{MAX_CHUNK_CANDIDATES} '
+                          f'(1 = one sample per chunk, as trained; 4 = pick the most coherent '
+                          f'of four)')
+    return int(value)
+
+
+def action_scale(card):
+    """(A,) factors putting each action dim in the model's normalised units (2 / range), from the
+    card's `action_range`; ones for a card exported before it was recorded."""
+    ranges = card.get('action_range')
+    if not ranges:
+        return np.ones(len(card['action_names']), np.float32)
+    span = np.array([hi - lo for lo, hi in ranges], np.float32)
+    return (2.0 / np.maximum(span, 1e-6)).astype(np.float32)
+
+
+def coherent_choice(chunks, previous, scale=None):
+    """Index (B,) of the candidate closest to the previous plan.
+
+    `chunks` (B, K, H, A); `previous` (B, M, A): the previous chunk's actions for the instants of
+    a new chunk's first M actions (M <= H), or None (no plan yet: candidate 0). Distance: the sum
+    over those M steps and the action dims of ((candidate - previous) * scale)^2, `scale` (A,)
+    putting the dims in comparable units (`PolicyRuntime.action_scale`).
+    """
+    chunks = np.asarray(chunks)
+    if previous is None:
+        return np.zeros(chunks.shape[0], dtype=int)
+    previous = np.asarray(previous)
+    m = min(previous.shape[1], chunks.shape[2])
+    if m == 0:
+        return np.zeros(chunks.shape[0], dtype=int)
+    scale = np.ones(chunks.shape[-1], np.float32) if scale is None else np.asarray(scale)
+    diff = (chunks[:, :, :m] - previous[:, None, :m]) * scale
+    return np.argmin((diff ** 2).sum(axis=(2, 3)), axis=1)
+
+
 def sha256_of(path):
     digest = hashlib.sha256()
     with open(path, 'rb') as f:
@@ -196,6 +245,10 @@ class PolicyRuntime:
     def action_dim(self):
         return len(self.card['action_names'])
 
+    @property
+    def action_scale(self):
+        return action_scale(self.card)
+
     def check_matches(self, camera_names=None, joint_names=None, image_size_px=None,
                       action_names=None, control_rate_hz=None):
         """Raise ModelFileError naming the first difference between the card and the caller's setup."""
@@ -272,3 +325,48 @@ class PolicyRuntime:
             raise PolicyInputError(f'model {self.version} produced NaN/inf actions; not acting. '
                                    f'Roll back (policy/rollback) and check the training run')
         return actions if batched else actions[0]
+
+    def predict_coherent(self, images, state, previous=None, candidates=4, noise=None, seed=None,
+                         noise_scale=1.0):
+        """`predict` for `candidates` noise draws at once, keeping per observation the chunk most
+        coherent with `previous` (see `coherent_choice`). Returns (actions, chosen index).
+
+        Unbatched: images (To,N,3,H,W), state (To,S), previous (M,A) or None, noise (K,H,A) or
+        None -> actions (H,A), index (int). Batched: a leading B axis on each (noise (B,K,H,A);
+        `previous` None or (B,M,A)) -> (B,H,A), (B,). Noise not passed in is drawn from `seed` and
+        scaled by `noise_scale`; candidate 0 then gets the draw `predict(seed=seed)` would use.
+        """
+        candidates = check_chunk_candidates(candidates)
+        noise_scale = check_noise_scale(noise_scale)
+        images = np.asarray(images)
+        batched = images.ndim == len(self.input_spec['images']['shape'])
+        if not batched:
+            images, state = images[None], np.asarray(state)[None]
+            previous = None if previous is None else np.asarray(previous)[None]
+            noise = None if noise is None else np.asarray(noise)[None]
+        b = images.shape[0]
+        if noise is None:
+            rng = np.random.default_rng(seed)
+            noise = rng.standard_normal((b * candidates, self.horizon, self.action_dim))
+            noise = noise.astype(np.float32).reshape(candidates, b, self.horizon, self.action_dim)
+            noise = (noise.transpose(1, 0, 2, 3) * np.float32(noise_scale))
+        elif noise_scale != 1.0:
+            raise PolicyInputError(f'noise_scale={noise_scale} with noise passed in: scale the '
+                                   f'noise you pass, or let predict_coherent draw it')
+        noise = np.asarray(noise)
+        if noise.shape[:2] != (b, candidates):
+            raise PolicyInputError(f'noise: got shape {noise.shape}, expected {candidates} '
+                                   f'candidates per observation ({b}, {candidates}, horizon, A)')
+        if previous is not None:
+            previous = np.asarray(previous, np.float32)
+            if previous.ndim != 3 or previous.shape[0] != b \
+                    or previous.shape[2] != self.action_dim or previous.shape[1] > self.horizon:
+                raise PolicyInputError(f'previous plan: got shape {previous.shape}, expected '
+                                       f'({b}, M <= {self.horizon}, {self.action_dim})')
+        flat = self.predict(np.repeat(images, candidates, axis=0),
+                            np.repeat(np.asarray(state), candidates, axis=0),
+                            noise.reshape((b * candidates,) + noise.shape[2:]))
+        chunks = flat.reshape((b, candidates) + flat.shape[1:])
+        index = coherent_choice(chunks, previous, self.action_scale)
+        actions = chunks[np.arange(b), index]
+        return (actions, index) if batched else (actions[0], int(index[0]))

@@ -5,7 +5,9 @@
 - `ActionScheduler` holds the current chunk and hands out one action per tick. The next chunk is
   requested early enough (measured inference latency + one tick of margin) that it never runs dry;
   a chunk that arrives after L ticks of inference starts at action L (latency compensation: those
-  actions belong to instants already past).
+  actions belong to instants already past). With `chunk_candidates` above 1 the worker samples
+  that many chunks in one batched call and keeps the one closest to what the chunk in hand plans
+  from the new observation's tick on (coherent chunks, `PolicyRuntime.predict_coherent`).
 - `SafetyGate` refuses to act on stale, missing or bad inputs and on NaN or out-of-limit outputs;
   each reason is counted and logged once per episode.
 - `PolicyController` ties them to a `PolicyRuntime` and a worker thread: ONNX Runtime releases the
@@ -275,10 +277,12 @@ class PolicyController:
 
     def __init__(self, runtime, camera_names, n_obs_steps, n_action_steps, horizon, rate_hz,
                  max_obs_age_s, action_limits=None, clock=time.monotonic, log=None,
-                 worker_nice=10, noise_scale=1.0):
-        from rko_ros.policy.runtime import check_noise_scale
+                 worker_nice=10, noise_scale=1.0, chunk_candidates=1):
+        from rko_ros.policy.runtime import check_chunk_candidates, check_noise_scale
         self.runtime = runtime
         self.noise_scale = check_noise_scale(noise_scale)   # of each chunk's diffusion noise
+        # > 1: each chunk is the most coherent of this many draws with the plan in hand
+        self.chunk_candidates = check_chunk_candidates(chunk_candidates)
         self.rate_hz = float(rate_hz)
         self.max_obs_age_s = float(max_obs_age_s)
         self.clock = clock
@@ -294,7 +298,7 @@ class PolicyController:
         self._tick_lock = threading.Lock()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._request = None      # (images, state, obs_time_s, obs_tick)
+        self._request = None      # (images, state, obs_time_s, obs_tick, previous plan or None)
         self._result = None       # (chunk or exception, obs_time_s, obs_tick, latency_s)
         self._busy = False
         self._closing = False
@@ -373,8 +377,16 @@ class PolicyController:
             if self._busy or self._request is not None:
                 return
             images, state, obs_time_s = self.obs.stacked()
-            self._request = (images, state, obs_time_s, tick)
+            self._request = (images, state, obs_time_s, tick, self._plan_from(tick))
             self._wake.notify()
+
+    def _plan_from(self, tick):
+        """What the chunk in hand plans from `tick` on (the instants the next chunk starts at),
+        or None: no chunk, or one sample per chunk."""
+        chunk, start = self.scheduler.chunk, self.scheduler.chunk_tick
+        if self.chunk_candidates == 1 or chunk is None or not 0 <= tick - start < len(chunk):
+            return None
+        return chunk[tick - start:].copy()
 
     def _take_result(self, tick):
         with self._lock:
@@ -417,10 +429,15 @@ class PolicyController:
                 request, self._request = self._request, None
                 runtime, noise_scale = self.runtime, self.noise_scale
                 self._busy = True
-            images, state, obs_time_s, obs_tick = request
+            images, state, obs_time_s, obs_tick, previous = request
             start = time.perf_counter()
             try:
-                chunk = runtime.predict(images, state, noise_scale=noise_scale)
+                if self.chunk_candidates > 1:
+                    chunk, _ = runtime.predict_coherent(images, state, previous,
+                                                        self.chunk_candidates,
+                                                        noise_scale=noise_scale)
+                else:
+                    chunk = runtime.predict(images, state, noise_scale=noise_scale)
             except Exception as exc:  # noqa: BLE001 - every failure must reach the gate
                 chunk = exc
             latency_s = time.perf_counter() - start
@@ -441,7 +458,7 @@ class PolicyController:
                    model_version=getattr(self.runtime, 'version', None),
                    provider=getattr(self.runtime, 'provider', None),
                    cuda_graph=getattr(self.runtime, 'cuda_graph', False),
-                   noise_scale=self.noise_scale,
+                   noise_scale=self.noise_scale, chunk_candidates=self.chunk_candidates,
                    refused={k: v for k, v in self.gate.counts.items() if v},
                    last_refusal=self.gate.last_message)
         return out

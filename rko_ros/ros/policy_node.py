@@ -67,6 +67,13 @@ PARAMETERS = {
                          'which also shifts which behaviour the policy picks (0: deterministic); '
                          'compare models at one scale, see README',
                          range=(0.0, 2.0)),
+    'chunk_candidates': Param(1, 'draws per chunk: above 1 each chunk is sampled this many times '
+                              'in one batched call and the one closest to what the chunk in hand '
+                              'planned for the same instants is kept (coherent chunks: no switch '
+                              'between behaviours halfway through a motion); the first chunk of an '
+                              'episode is the first draw. Inference time grows with it (CPU: '
+                              'measure with rko bench policy --candidates); 1 = one draw',
+                              range=(1, 32)),
     'tick_source': Param('thread', 'thread: control ticks on a thread of their own at steady-clock '
                          'deadlines (no missed tick, sub-ms median jitter measured on 2 cores); '
                          'ros_timer: a ROS timer in the '
@@ -102,7 +109,8 @@ class PolicyNode(Node):
             runtime, p['camera_names'], self._card_value(runtime, 'n_obs_steps', 2),
             self._card_value(runtime, 'n_action_steps', 8),
             self._card_value(runtime, 'horizon', 16), p['control_rate_hz'], p['max_obs_age_s'],
-            action_limits=self.action_limits, log=self._log, noise_scale=p['noise_scale'])
+            action_limits=self.action_limits, log=self._log, noise_scale=p['noise_scale'],
+            chunk_candidates=p['chunk_candidates'])
         self.controller.set_enabled(p['enabled'])
         if p['obs_age_from'] == 'stamp':
             self.controller.obs.age_basis = (' (age from the header stamp when set; obs_age_from: '
@@ -165,7 +173,13 @@ class PolicyNode(Node):
         from rko_ros.policy.runtime import PolicyRuntime, choose_providers
         p = self.params
         runtime = None
-        if p['cuda_graph'] and choose_providers()[:1] == ['CUDAExecutionProvider']:
+        if p['cuda_graph'] and p['chunk_candidates'] > 1:
+            if not getattr(self, '_said_no_graph', False):
+                self._said_no_graph = True
+                self.get_logger().info(f'chunk_candidates={p["chunk_candidates"]}: batched '
+                                       f'chunks run without a CUDA graph (it is captured at '
+                                       f'batch 1)')
+        elif p['cuda_graph'] and choose_providers()[:1] == ['CUDAExecutionProvider']:
             try:
                 runtime = PolicyRuntime(self.store.version_dir(version), cuda_graph=True)
             except ModelFileError as exc:
