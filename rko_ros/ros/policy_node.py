@@ -173,13 +173,14 @@ class PolicyNode(Node):
         from rko_ros.policy.runtime import PolicyRuntime, choose_providers
         p = self.params
         runtime = None
-        if p['cuda_graph'] and p['chunk_candidates'] > 1:
+        on_cuda = choose_providers()[:1] == ['CUDAExecutionProvider']
+        if p['cuda_graph'] and on_cuda and p['chunk_candidates'] > 1:
             if not getattr(self, '_said_no_graph', False):
                 self._said_no_graph = True
                 self.get_logger().info(f'chunk_candidates={p["chunk_candidates"]}: batched '
                                        f'chunks run without a CUDA graph (it is captured at '
                                        f'batch 1)')
-        elif p['cuda_graph'] and choose_providers()[:1] == ['CUDAExecutionProvider']:
+        elif p['cuda_graph'] and on_cuda:
             try:
                 runtime = PolicyRuntime(self.store.version_dir(version), cuda_graph=True)
             except ModelFileError as exc:
