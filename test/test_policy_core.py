@@ -129,6 +129,10 @@ def test_predict_coherent_picks_the_draw_that_continues_the_plan(store_with_mode
         runtime.predict_coherent(images, state, None, 3, noise)
     with pytest.raises(PolicyInputError, match='previous plan: got shape'):
         runtime.predict_coherent(images, state, np.zeros((8, 2), np.float32), 4, noise)
+    with pytest.raises(PolicyInputError, match='previous plan holds NaN'):
+        runtime.predict_coherent(images, state, np.full((8, 3), np.nan, np.float32), 4, noise)
+    with pytest.raises(ConfigError, match="chunk_candidates=four must be an integer"):
+        runtime.predict_coherent(images, state, None, 'four')
 
 
 def test_coherent_chunks_stay_in_the_mode_the_plan_follows(tmp_path):

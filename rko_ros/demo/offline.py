@@ -95,7 +95,8 @@ class BatchedChunkPolicy:
         # Coherent chunks (policy_node chunk_candidates): candidate 0 keeps the draw of one
         # sample per chunk, the others come from a stream of their own.
         self.candidates = check_chunk_candidates(candidates)
-        self.extra_rng = np.random.default_rng([*np.atleast_1d(seed).tolist(), 104729])
+        self.extra_rng = np.random.default_rng(
+            None if seed is None else [*np.atleast_1d(seed).tolist(), 104729])
         self.action_scale = action_scale
 
     def _coherent(self, images, states, noise, previous):

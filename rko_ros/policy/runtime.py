@@ -55,8 +55,11 @@ MAX_CHUNK_CANDIDATES = 32
 
 
 def check_chunk_candidates(value):
-    if isinstance(value, bool) or not float(value).is_integer() \
-            or not 1 <= int(value) <= MAX_CHUNK_CANDIDATES:
+    try:
+        whole = not isinstance(value, bool) and float(value).is_integer()
+    except (TypeError, ValueError):
+        whole = False
+    if not whole or not 1 <= int(value) <= MAX_CHUNK_CANDIDATES:
         raise ConfigError(f'chunk_candidates={value} must be an integer 1..{MAX_CHUNK_CANDIDATES} '
                           f'(1 = one sample per chunk, as trained; 4 = pick the most coherent '
                           f'of four)')
@@ -363,6 +366,9 @@ class PolicyRuntime:
                     or previous.shape[2] != self.action_dim or previous.shape[1] > self.horizon:
                 raise PolicyInputError(f'previous plan: got shape {previous.shape}, expected '
                                        f'({b}, M <= {self.horizon}, {self.action_dim})')
+            if not np.isfinite(previous).all():
+                raise PolicyInputError('previous plan holds NaN or inf: no chunk is chosen against '
+                                       'it (pass None to take the first draw)')
         flat = self.predict(np.repeat(images, candidates, axis=0),
                             np.repeat(np.asarray(state), candidates, axis=0),
                             noise.reshape((b * candidates,) + noise.shape[2:]))
