@@ -170,7 +170,9 @@ class DemoConfig:
     # chosen by the first chunk, which is the first draw either way: the bases fold each style as
     # often with 4 as with 1. On the three final models of 2026-11-29 night, offline, 80 new
     # cloths x four draws, preferred-style success 88.75 -> 90.6%, 86.25 -> 89.7% and
-    # 87.8 -> 92.8% (10 of 12 paired draws higher, one lower).
+    # 87.8 -> 92.8% (10 of 12 paired draws higher, one lower); on the three demos run with it
+    # (2026-11-29 late, two draws) 93.1 / 89.4 / 88.1% at 1 against 93.1 / 90 / 83.1% at 4: a
+    # small gain at most, kept for the runs where a carry would drift.
     chunk_candidates: int = 4
     seed: int = 0
 
