@@ -102,14 +102,12 @@ class BatchedChunkPolicy:
     def _coherent(self, images, states, noise, previous):
         """The chunk of `candidates` draws closest to `previous` (what the last chunk planned for
         the ticks this one starts at), as the policy node picks with chunk_candidates."""
-        from rko_ros.policy.runtime import coherent_choice
+        from rko_ros.policy.runtime import choose_coherent
         b, k = len(images), self.candidates
         extra = self.extra_rng.standard_normal((b, k - 1, self.horizon, self.action_dim))
         noises = np.concatenate([noise[:, None], extra.astype(np.float32) * self.noise_scale], 1)
-        chunks = self.predict(np.repeat(images, k, axis=0), np.repeat(states, k, axis=0),
-                              noises.reshape((b * k, self.horizon, self.action_dim)))
-        chunks = chunks.reshape((b, k, self.horizon, self.action_dim))
-        return chunks[np.arange(b), coherent_choice(chunks, previous, self.action_scale)]
+        return choose_coherent(self.predict, images, states, noises, previous,
+                               self.action_scale)[0]
 
     def run(self, tasks, seeds, record_images=False, extra_sizes=()):
         for task, seed in zip(tasks, seeds):

@@ -96,6 +96,18 @@ def coherent_choice(chunks, previous, scale=None):
     return np.argmin((diff ** 2).sum(axis=(2, 3)), axis=1)
 
 
+def choose_coherent(predict, images, state, noise, previous, scale=None):
+    """Run `predict(images, state, noise)` on the K draws of `noise` (B, K, H, A) of each of the
+    B observations in one batched call and keep, per observation, the chunk nearest `previous`
+    (`coherent_choice`). Returns (actions (B, H, A), index (B,))."""
+    b, k = noise.shape[:2]
+    flat = predict(np.repeat(images, k, axis=0), np.repeat(np.asarray(state), k, axis=0),
+                   noise.reshape((b * k,) + noise.shape[2:]))
+    chunks = flat.reshape((b, k) + flat.shape[1:])
+    index = coherent_choice(chunks, previous, scale)
+    return chunks[np.arange(b), index], index
+
+
 def sha256_of(path):
     digest = hashlib.sha256()
     with open(path, 'rb') as f:
@@ -369,10 +381,6 @@ class PolicyRuntime:
             if not np.isfinite(previous).all():
                 raise PolicyInputError('previous plan holds NaN or inf: no chunk is chosen against '
                                        'it (pass None to take the first draw)')
-        flat = self.predict(np.repeat(images, candidates, axis=0),
-                            np.repeat(np.asarray(state), candidates, axis=0),
-                            noise.reshape((b * candidates,) + noise.shape[2:]))
-        chunks = flat.reshape((b, candidates) + flat.shape[1:])
-        index = coherent_choice(chunks, previous, self.action_scale)
-        actions = chunks[np.arange(b), index]
+        actions, index = choose_coherent(self.predict, images, state, noise, previous,
+                                         self.action_scale)
         return (actions, index) if batched else (actions[0], int(index[0]))
