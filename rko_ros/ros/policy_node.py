@@ -72,7 +72,7 @@ PARAMETERS = {
                               'planned for the same instants is kept (coherent chunks: no switch '
                               'between behaviours halfway through a motion); the first chunk of an '
                               'episode is the first draw. Inference time grows with it (CPU: '
-                              'measure with rko bench policy --candidates); 1 = one draw',
+                              'rko bench inference --candidates times it); 1 = one draw',
                               range=(1, 32)),
     'tick_source': Param('thread', 'thread: control ticks on a thread of their own at steady-clock '
                          'deadlines (no missed tick, sub-ms median jitter measured on 2 cores); '
