@@ -593,3 +593,39 @@ def test_bf16_pretraining_where_it_is_not_native_is_refused_before_any_work(tmp_
     with pytest.raises(TrainingError, match="train.precision='bf16' on 'cpu'"):
         _pretrained(cfg, progress=False)
     assert not os.path.exists(os.path.join(cfg.data_dir, 'episodes'))   # no demonstration made
+
+
+def test_bench_plot_draws_one_bar_per_method_for_a_single_label_count(tmp_path, monkeypatch):
+    """With one label count the plot is a bar per method at its mean (+- one standard error);
+    a method not run there has no bar height. Over several counts: one line per method."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.axes
+    import numpy as np
+    import pytest
+    from rko_ros.demo.bench import _plot, merge_results
+    twenty = _bench_line(['rko', 'sft', 'dpo'], [20], [
+        ('rko', 20, 0, 0.85), ('rko', 20, 1, 0.95), ('sft', 20, 0, 0.9), ('sft', 20, 1, 0.8)])
+    merged = merge_results([twenty])
+    bars, lines = [], []
+    real_bar, real_errorbar = matplotlib.axes.Axes.bar, matplotlib.axes.Axes.errorbar
+
+    def bar(self, x, height, **kw):
+        bars.append((x, height, kw['label']))
+        return real_bar(self, x, height, **kw)
+
+    def errorbar(self, x, y, **kw):
+        if kw.get('label') != '_nolegend_':             # not a bar's own error bar
+            lines.append((list(x), list(y), kw['label']))
+        return real_errorbar(self, x, y, **kw)
+    monkeypatch.setattr(matplotlib.axes.Axes, 'bar', bar)
+    monkeypatch.setattr(matplotlib.axes.Axes, 'errorbar', errorbar)
+    path = _plot(merged, str(tmp_path / 'one.png'))
+    assert os.path.getsize(path) > 1000 and not lines
+    assert [(x, label) for x, _, label in bars] == [(0, 'rko'), (1, 'sft'), (2, 'dpo')]
+    assert bars[0][1] == pytest.approx(0.9) and bars[1][1] == pytest.approx(0.85)
+    assert np.isnan(bars[2][1])                         # dpo: not run, no number
+    sweep = merge_results([_bench_line(['rko'], [5, 10], [('rko', 5, 0, 0.5), ('rko', 10, 0, 0.8)])])
+    bars.clear()
+    _plot(sweep, str(tmp_path / 'two.png'))
+    assert not bars and lines == [([5, 10], [0.5, 0.8], 'rko')]

@@ -255,22 +255,38 @@ def _mean_of(rows, key):
 
 
 def _plot(result, path):
+    """Preferred-style success (+- one standard error) by method: one line per method over the
+    label counts, or one bar per method when there is a single count (a line plot of one x
+    stacks every method on the same spot)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in result['methods']:
+    single = len(result['labels']) == 1
+    for i, method in enumerate(result['methods']):
         cells = [result['table'][method][str(n)] for n in result['labels']]
         ys = [np.nan if c['preferred_success_mean'] is None else c['preferred_success_mean']
               for c in cells]
         errors = [c.get('preferred_success_se') or 0.0 for c in cells]   # one standard error
-        ax.errorbar(result['labels'], ys, yerr=errors, fmt='o-', capsize=3, label=method)
-    ax.axhline(result['pretrained']['preferred_success'], color='grey', ls=':', label='pretrained')
+        if single:
+            ax.bar(i, ys[0], yerr=errors[0], capsize=4, color=f'C{i}', label=method)
+        else:
+            ax.errorbar(result['labels'], ys, yerr=errors, fmt='o-', capsize=3, label=method)
+    base = result['pretrained']['preferred_success']
+    ax.axhline(base, color='grey', ls=':', label='pretrained')
     ax.axhline(0.9, color='k', lw=0.8, ls='--')
-    ax.set_xlabel('labelled episodes')
+    if single:
+        ax.text(len(result['methods']) - 0.5, base + 0.01, f'pretrained {base:.0%}', ha='right',
+                va='bottom', color='dimgrey', fontsize=8,
+                bbox={'facecolor': 'white', 'edgecolor': 'none', 'pad': 1})
+        ax.set_xticks(range(len(result['methods'])), result['methods'])
+        ax.set_xlabel(f'method, {result["labels"][0]} labelled episodes, '
+                      f'{result.get("seeds", 1)} seed(s)')
+    else:
+        ax.set_xlabel('labelled episodes')
+        ax.legend()
     ax.set_ylabel('preferred-style success (+- 1 s.e.)')
     ax.set_ylim(0, 1.05)
-    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

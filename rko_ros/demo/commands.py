@@ -83,8 +83,10 @@ def register_bench(bench_subparsers):
                     'sweep fits on a CPU. Prints a table and one JSON line; writes a PNG.')
     p.add_argument('--out', default='bench_alignment_out',
                    help='data + plot folder; a pretrained model already there is reused (default %(default)s)')
-    p.add_argument('--methods', nargs='+', default=['sft', 'dpo', 'kto', 'rko'],
-                   choices=METHODS)
+    p.add_argument('--methods', nargs='+', default=['sft', 'dpo', 'rpo', 'kto', 'rko', 'fkpd'],
+                   choices=METHODS,
+                   help='methods to fine-tune and compare (default: all six, sft dpo rpo kto rko fkpd); fkpd '
+                        'also reads the demonstrations it was pretrained on')
     p.add_argument('--labels', nargs='+', type=int,
                    help='numbers of labelled episodes to sweep (default 10 20; --quick 2 4)')
     p.add_argument('--seeds', type=int, help='fine-tuning seeds per setting (default 2; --quick 1)')
