@@ -250,3 +250,71 @@ def test_tick_thread_ticks_at_its_rate_survives_a_failing_tick_and_stops():
     intervals = np.diff(times)
     assert intervals.min() > 0.0
     assert np.median(intervals) == pytest.approx(0.02, abs=0.005)
+
+
+class _Marked:
+    """A runtime whose every action is the first joint of the newest state it was given, after
+    `delay_s` of 'inference': which observation a chunk came from can be read off its actions."""
+
+    def __init__(self, card, delay_s=0.0):
+        self.card, self.version, self.delay_s, self.calls = card, 'marked', delay_s, []
+
+    def predict(self, images, state, noise_scale=1.0):
+        self.calls.append(float(state[-1, 0]))
+        time.sleep(self.delay_s)
+        return np.full((self.card['horizon'], 3), state[-1, 0], np.float32)
+
+
+def test_after_enable_only_inputs_taken_since_then_are_acted_on(runtime):
+    """At the start of an episode (policy/enable) the newest frame can be the last episode's
+    final scene, still fresh by max_obs_age_s: it must not plan the first chunk, and a chunk
+    asked for before the enable must not be acted on when it arrives."""
+    card = runtime.card
+    h, w = card['image_size_px']
+    now = [10.0]
+    marked = _Marked(card, delay_s=0.3)
+    controller = PolicyController(marked, ['camera'], card['n_obs_steps'], card['n_action_steps'],
+                                  card['horizon'], 10.0, max_obs_age_s=0.5, clock=lambda: now[0])
+
+    def feed(t, marker):
+        controller.obs.set_image(0, np.full((3, h, w), 128, np.uint8), t)
+        controller.obs.set_state([marker, -0.2, 0.0], t)
+
+    try:
+        # Episode 1's last observation (marker 1) is asked about; the chunk is still being
+        # computed when the episode ends and the next one starts.
+        feed(10.0, 1.0)
+        assert controller.tick(10.0) == (None, 'no_chunk')
+        deadline = time.monotonic() + 5
+        while not marked.calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert marked.calls == [1.0]
+        controller.set_enabled(False)
+        now[0] = 10.05
+        controller.set_enabled(True)                   # episode 2 starts at 10.05
+        time.sleep(0.4)                                # the old chunk arrives meanwhile
+        # The newest inputs (10.0) are 0.1 s old, fresh by max_obs_age_s, but from before.
+        assert controller.tick(10.1) == (None, 'no_observation')
+        assert 'since policy/enable' in controller.status()['last_refusal']
+        assert controller.scheduler.chunk is None and marked.calls == [1.0]
+        # A frame of the new episode but the joint state still from before: not yet.
+        controller.obs.set_image(0, np.full((3, h, w), 128, np.uint8), 10.12)
+        assert controller.tick(10.15) == (None, 'no_observation')
+        assert 'no joint state taken since policy/enable' in controller.status()['last_refusal']
+        acted = []
+        for i in range(12):                            # episode 2's inputs (marker 2)
+            t = 10.2 + 0.1 * i
+            feed(t, 2.0)
+            action, _ = controller.tick(t)
+            if action is not None:
+                acted.append(float(action[0]))
+            time.sleep(0.35)
+        assert acted and set(acted) == {2.0}           # never an action of episode 1's chunk
+        assert marked.calls[0] == 1.0 and set(marked.calls[1:]) == {2.0}
+    finally:
+        controller.close()
+    # Without an enable (a controller that starts enabled) any fresh input is used, as before.
+    obs = ObservationBuffer(['camera'], 1)
+    obs.set_image(0, np.zeros((3, 2, 2), np.uint8), 1.0)
+    obs.set_state([0.0], 1.0)
+    assert obs.not_before_s is None and obs.check(1.1, 0.5) is None

@@ -44,6 +44,10 @@ class ObservationBuffer:
         self.state_time_s = None
         self.state_error = None
         self.window = collections.deque(maxlen=self.n_obs_steps)
+        # Inputs taken before this time (policy/enable: the start of an episode) are not used:
+        # the newest frame at that instant can show the scene before the reset (the last
+        # episode's folded cloth), fresh by max_obs_age_s and wrong all the same. None: any.
+        self.not_before_s = None
 
     def set_image(self, index, chw, now_s):
         with self._lock:
@@ -73,6 +77,10 @@ class ObservationBuffer:
                                             f'> max_obs_age_s {max_obs_age_s}{self.age_basis}')
                 if error:
                     return 'bad_input', error
+                if self.not_before_s is not None and t < self.not_before_s:
+                    return 'no_observation', (f"no image from camera '{name}' taken since "
+                                              f'policy/enable yet (the newest is '
+                                              f'{self.not_before_s - t:.3f} s older)')
             if self.state_time_s is None:
                 return 'no_observation', 'no joint state yet'
             if now_s - self.state_time_s > max_obs_age_s:
@@ -80,6 +88,10 @@ class ObservationBuffer:
                                              f'> max_obs_age_s {max_obs_age_s}{self.age_basis}')
             if self.state_error:
                 return 'bad_input', self.state_error
+            if self.not_before_s is not None and self.state_time_s < self.not_before_s:
+                return 'no_observation', ('no joint state taken since policy/enable yet (the '
+                                          f'newest is {self.not_before_s - self.state_time_s:.3f} '
+                                          's older)')
         return None
 
     def snapshot(self):
@@ -298,23 +310,33 @@ class PolicyController:
         self._tick_lock = threading.Lock()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._request = None      # (images, state, obs_time_s, obs_tick, previous plan or None)
-        self._result = None       # (chunk or exception, obs_time_s, obs_tick, latency_s)
+        self._request = None      # (images, state, obs_time_s, obs_tick, previous plan or None,
+        #                            epoch)
+        self._result = None       # (chunk or exception, obs_time_s, obs_tick, latency_s, epoch)
         self._busy = False
         self._closing = False
         self._first_action_of_chunk = False
+        # Bumped by every enable / disable: a chunk asked for before it (from an observation of
+        # the last episode) is dropped when it arrives, never acted on.
+        self._epoch = 0
         self._worker = threading.Thread(target=self._infer_loop, name='policy-inference',
                                         daemon=True)
         self._worker.start()
 
     # --- control -----------------------------------------------------------------------------
     def set_enabled(self, enabled):
+        """Enable: act again, from observations taken from now on only (an episode starts)."""
         with self._tick_lock:
             self.enabled = bool(enabled)
             if enabled:
                 self.gate.new_episode()
+                self.obs.not_before_s = self.clock()
             self.scheduler.clear()
             self.obs.clear_window()
+            with self._lock:
+                self._epoch += 1
+                self._request = None          # not yet started: drop it; a running one is
+                self._result = None           # dropped by its epoch when it ends
 
     def reshape(self, n_obs_steps, n_action_steps, horizon):
         """New window and chunk sizes (before the first model; a swap keeps them)."""
@@ -377,7 +399,7 @@ class PolicyController:
             if self._busy or self._request is not None:
                 return
             images, state, obs_time_s = self.obs.stacked()
-            self._request = (images, state, obs_time_s, tick, self._plan_from(tick))
+            self._request = (images, state, obs_time_s, tick, self._plan_from(tick), self._epoch)
             self._wake.notify()
 
     def _plan_from(self, tick):
@@ -391,9 +413,11 @@ class PolicyController:
     def _take_result(self, tick):
         with self._lock:
             result, self._result = self._result, None
+            if result is not None and result[4] != self._epoch:
+                result = None     # asked for before the last enable / disable: not this episode
         if result is None:
             return
-        chunk, obs_time_s, obs_tick, latency_s = result
+        chunk, obs_time_s, obs_tick, latency_s, _ = result
         if isinstance(chunk, Exception):
             reason = 'nan_output' if 'produced NaN' in str(chunk) else (
                 'bad_input' if isinstance(chunk, PolicyInputError) else 'inference_error')
@@ -429,7 +453,7 @@ class PolicyController:
                 request, self._request = self._request, None
                 runtime, noise_scale = self.runtime, self.noise_scale
                 self._busy = True
-            images, state, obs_time_s, obs_tick, previous = request
+            images, state, obs_time_s, obs_tick, previous, epoch = request
             start = time.perf_counter()
             try:
                 if self.chunk_candidates > 1:
@@ -442,7 +466,7 @@ class PolicyController:
                 chunk = exc
             latency_s = time.perf_counter() - start
             with self._lock:
-                self._result = (chunk, obs_time_s, obs_tick, latency_s)
+                self._result = (chunk, obs_time_s, obs_tick, latency_s, epoch)
                 self._busy = False
 
     def close(self):
