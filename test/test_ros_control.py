@@ -273,8 +273,10 @@ def test_after_enable_only_inputs_taken_since_then_are_acted_on(runtime):
     h, w = card['image_size_px']
     now = [10.0]
     marked = _Marked(card, delay_s=0.3)
+    logged = []
     controller = PolicyController(marked, ['camera'], card['n_obs_steps'], card['n_action_steps'],
-                                  card['horizon'], 10.0, max_obs_age_s=0.5, clock=lambda: now[0])
+                                  card['horizon'], 10.0, max_obs_age_s=0.5, clock=lambda: now[0],
+                                  log=lambda level, text: logged.append(text))
 
     def feed(t, marker):
         controller.obs.set_image(0, np.full((3, h, w), 128, np.uint8), t)
@@ -311,6 +313,8 @@ def test_after_enable_only_inputs_taken_since_then_are_acted_on(runtime):
             time.sleep(0.35)
         assert acted and set(acted) == {2.0}           # never an action of episode 1's chunk
         assert marked.calls[0] == 1.0 and set(marked.calls[1:]) == {2.0}
+        assert logged == []            # a tick or two of waiting at each enable is not a fault
+        assert controller.status()['refused']['no_observation'] == 2
     finally:
         controller.close()
     # Without an enable (a controller that starts enabled) any fresh input is used, as before.
@@ -318,3 +322,9 @@ def test_after_enable_only_inputs_taken_since_then_are_acted_on(runtime):
     obs.set_image(0, np.zeros((3, 2, 2), np.uint8), 1.0)
     obs.set_state([0.0], 1.0)
     assert obs.not_before_s is None and obs.check(1.1, 0.5) is None
+    assert obs.waiting_since_enable() is None
+    obs.not_before_s = 1.05
+    assert obs.check(1.1, 0.5) is None and obs.waiting_since_enable().startswith(
+        "no image from camera 'camera' taken since policy/enable yet (the newest is 0.050 s")
+    # A stale camera is still refused as stale (and logged), whatever the enable time.
+    assert obs.check(1.6, 0.5)[0] == 'stale_camera'

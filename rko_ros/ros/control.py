@@ -77,10 +77,6 @@ class ObservationBuffer:
                                             f'> max_obs_age_s {max_obs_age_s}{self.age_basis}')
                 if error:
                     return 'bad_input', error
-                if self.not_before_s is not None and t < self.not_before_s:
-                    return 'no_observation', (f"no image from camera '{name}' taken since "
-                                              f'policy/enable yet (the newest is '
-                                              f'{self.not_before_s - t:.3f} s older)')
             if self.state_time_s is None:
                 return 'no_observation', 'no joint state yet'
             if now_s - self.state_time_s > max_obs_age_s:
@@ -88,10 +84,21 @@ class ObservationBuffer:
                                              f'> max_obs_age_s {max_obs_age_s}{self.age_basis}')
             if self.state_error:
                 return 'bad_input', self.state_error
-            if self.not_before_s is not None and self.state_time_s < self.not_before_s:
-                return 'no_observation', ('no joint state taken since policy/enable yet (the '
-                                          f'newest is {self.not_before_s - self.state_time_s:.3f} '
-                                          's older)')
+        return None
+
+    def waiting_since_enable(self):
+        """None when every input was taken at or after `not_before_s`, else what is awaited.
+        Expected for a tick or two at each enable, so the controller does not log it."""
+        with self._lock:
+            if self.not_before_s is None:
+                return None
+            for name, t in zip(self.camera_names, self.image_times_s):
+                if t is not None and t < self.not_before_s:
+                    return (f"no image from camera '{name}' taken since policy/enable yet (the "
+                            f'newest is {self.not_before_s - t:.3f} s older)')
+            if self.state_time_s is not None and self.state_time_s < self.not_before_s:
+                return ('no joint state taken since policy/enable yet (the newest is '
+                        f'{self.not_before_s - self.state_time_s:.3f} s older)')
         return None
 
     def snapshot(self):
@@ -371,6 +378,9 @@ class PolicyController:
             self.scheduler.clear()
             self.obs.clear_window()
             return self._refuse(*problem)
+        waiting = self.obs.waiting_since_enable()
+        if waiting:
+            return self._refuse('no_observation', waiting, log=False)
         self.obs.snapshot()
         if self.scheduler.needs_request(tick):
             self._submit(tick)
